@@ -1,0 +1,17 @@
+// The one threading seam of npufa: a persistent pool with a settable size.
+#pragma once
+#include <cstdint>
+#include <functional>
+
+namespace npufa {
+
+// Number of threads kernels use (default: hardware concurrency). n <= 0 resets to the default.
+void set_num_threads(int n);
+int get_num_threads();
+
+// Runs fn(i) for i in [0, n), spread over the pool with dynamic scheduling; fn(i, thread_index)
+// receives a thread index in [0, get_num_threads()) for per-thread scratch. Calls made from inside
+// a worker run serially on that worker.
+void parallel_for(int64_t n, const std::function<void(int64_t item, int thread)>& fn);
+
+}  // namespace npufa

@@ -1,0 +1,22 @@
+"""npufa: torch_npu's NPU Flash Attention operator family on any CPU.
+
+Functions keep torch_npu's names, arguments, defaults and return values; each is a torch custom op
+in the ``npufa`` namespace (``torch.ops.npufa.*``).
+"""
+import torch  # noqa: F401  (custom ops register against torch)
+
+from . import reference
+from ._fusion_attention import npu_fusion_attention
+from ._runtime import get_num_threads, set_num_threads
+from .dropout import _npu_dropout_gen_mask, dropout_gen_mask, dropout_mask_bytes
+
+__all__ = [
+    "npu_fusion_attention",
+    "_npu_dropout_gen_mask",
+    "dropout_gen_mask",
+    "dropout_mask_bytes",
+    "set_num_threads",
+    "get_num_threads",
+    "reference",
+]
+__version__ = "0.1.0"

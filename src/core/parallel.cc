@@ -1,0 +1,130 @@
+// A small persistent thread pool. One pool for the whole process: kernels never start threads.
+#include "npufa/parallel.h"
+
+#include <algorithm>
+#include <exception>
+#include <atomic>
+#include <condition_variable>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+namespace npufa {
+namespace {
+
+int default_threads() { return std::max(1u, std::thread::hardware_concurrency()); }
+
+thread_local bool t_in_region = false;  // workers, and a caller inside run()
+
+class Pool {
+ public:
+  ~Pool() { resize(0); }
+
+  void run(int nthreads, int64_t n, const std::function<void(int64_t, int)>& fn) {
+    std::lock_guard<std::mutex> call_lock(call_mu_);  // one parallel region at a time
+    if (static_cast<int>(workers_.size()) != nthreads - 1) resize(nthreads - 1);
+    next_.store(0);
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      fn_ = &fn;
+      n_ = n;
+      active_ = static_cast<int>(workers_.size());
+      ++generation_;
+    }
+    cv_.notify_all();
+    t_in_region = true;
+    drain(0);
+    t_in_region = false;
+    std::unique_lock<std::mutex> lk(mu_);
+    done_cv_.wait(lk, [&] { return active_ == 0; });
+    fn_ = nullptr;
+    if (error_) {
+      std::exception_ptr e = error_;
+      error_ = nullptr;
+      std::rethrow_exception(e);
+    }
+  }
+
+ private:
+  // Kernels do not throw after validation, but an allocation can: keep the first error and stop.
+  void drain(int tid) {
+    for (;;) {
+      int64_t i = next_.fetch_add(1);
+      if (i >= n_) break;
+      try {
+        (*fn_)(i, tid);
+      } catch (...) {
+        std::lock_guard<std::mutex> lk(err_mu_);
+        if (!error_) error_ = std::current_exception();
+        next_.store(n_);
+      }
+    }
+  }
+
+  void worker(int tid) {
+    t_in_region = true;
+    uint64_t seen = 0;
+    for (;;) {
+      {
+        std::unique_lock<std::mutex> lk(mu_);
+        cv_.wait(lk, [&] { return stop_ || generation_ != seen; });
+        if (stop_) return;
+        seen = generation_;
+      }
+      drain(tid);
+      std::lock_guard<std::mutex> lk(mu_);
+      if (--active_ == 0) done_cv_.notify_one();
+    }
+  }
+
+  void resize(int nworkers) {
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      stop_ = true;
+    }
+    cv_.notify_all();
+    for (auto& t : workers_) t.join();
+    workers_.clear();
+    stop_ = false;
+    generation_ = 0;
+    for (int i = 0; i < nworkers; ++i) workers_.emplace_back([this, i] { worker(i + 1); });
+  }
+
+  std::mutex call_mu_, mu_, err_mu_;
+  std::exception_ptr error_;
+  std::condition_variable cv_, done_cv_;
+  std::vector<std::thread> workers_;
+  const std::function<void(int64_t, int)>* fn_ = nullptr;
+  int64_t n_ = 0;
+  std::atomic<int64_t> next_{0};
+  int active_ = 0;
+  uint64_t generation_ = 0;
+  bool stop_ = false;
+};
+
+Pool& pool() {
+  static Pool p;
+  return p;
+}
+std::atomic<int> g_threads{0};
+
+}  // namespace
+
+void set_num_threads(int n) { g_threads.store(n > 0 ? n : 0); }
+int get_num_threads() {
+  int n = g_threads.load();
+  return n > 0 ? n : default_threads();
+}
+
+void parallel_for(int64_t n, const std::function<void(int64_t, int)>& fn) {
+  if (n <= 0) return;
+  int nt = static_cast<int>(std::min<int64_t>(get_num_threads(), n));
+  if (nt <= 1 || t_in_region) {
+    for (int64_t i = 0; i < n; ++i) fn(i, 0);
+    return;
+  }
+  // The pool keeps get_num_threads() - 1 workers so thread indices stay below get_num_threads().
+  pool().run(get_num_threads(), n, fn);
+}
+
+}  // namespace npufa

@@ -1,0 +1,58 @@
+// AttnProblem: the canonical problem every kernel sees. Layout strings, sparse-mode numbers and
+// cumulative-vs-per-batch lengths have been resolved by the op's canonicalisation.
+#pragma once
+#include <cstdint>
+#include <vector>
+
+#include "mask/mask_spec.h"
+#include "npufa/tensor_view.h"
+
+namespace npufa {
+
+// Element (b, n, s, d) of a [B, N, S, D]-like tensor, any layout:
+// base + b*sb + (off_b + s)*ss + n*sn + d*sd, with off_b the batch's row offset (TND) or 0.
+struct Acc4 {
+  void* base = nullptr;
+  int64_t sb = 0, sn = 0, ss = 0, sd = 1;
+  int64_t at(int64_t b, int64_t n, int64_t s, int64_t d) const { return b * sb + n * sn + s * ss + d * sd; }
+};
+
+struct SeqSpan {
+  int64_t q_off = 0, q_len = 0, kv_off = 0, kv_len = 0;
+};
+
+// Additive position bias, read per (b, n, i, j) of local indices.
+struct PseSpec {
+  enum class Kind { None, Dense, AlibiDense, AlibiTnd, Flat } kind = Kind::None;
+  const void* data = nullptr;
+  DType dtype = DType::F32;
+  int64_t sb = 0, sn = 0, si = 0, sj = 0;  // Dense/Flat strides (0 on broadcast axes)
+  int64_t rows = 0, cols = 0;              // Alibi: the compressed [1024, S] block per (b, n)
+  int64_t sq = 0;                          // AlibiDense: the full Sq
+  std::vector<int64_t> batch_base;         // Flat: element offset of batch b's block
+  float mul = 1.0f;                        // s = qk*scale + pse*mul (mul = scale for pse_type 1)
+};
+
+struct DropoutSpec {
+  enum class Kind { None, Philox, External } kind = DropoutSpec::Kind::None;
+  double keep_prob = 1.0;
+  uint64_t seed = 0, offset = 0;
+  const uint8_t* mask = nullptr;    // External: bit-packed
+  std::vector<int64_t> batch_base;  // element index of (b, n=0, i=0, j=0) in the mask order
+};
+
+struct AttnProblem {
+  DType dtype = DType::F32;  // of q, k, v and out
+  int64_t B = 0, Nq = 0, Nkv = 0, G = 1, D = 0, Dv = 0;
+  std::vector<SeqSpan> seqs;  // per batch
+  Acc4 q, k, v, out;
+  // Softmax stats: 8 consecutive fp32 copies at stat.at(b, n, off + s, 0).
+  Acc4 smax, ssum;
+  float scale = 1.0f;
+  PseSpec pse;
+  MaskSpec mask;
+  const float* sink = nullptr;  // [Nq] or null
+  DropoutSpec dropout;
+};
+
+}  // namespace npufa
