@@ -200,14 +200,14 @@ NPUFA_INLINE void tile_item(const AttnProblem& p, int64_t b, int64_t n, int64_t 
     for (int64_t r = 0; r < rows; ++r) {
       float* s = S + r * kBk;
       const int64_t i = i0 + r;
-      if (has_pse) {
-        for (int64_t c = 0; c < cols; ++c) s[c] = s[c] * p.scale + p.pse.mul * pse_at<T>(p.pse, sp, b, n, i, j0 + c);
-      } else {
-        for (int x = 0; x < kV; ++x) vec::store(s + x * vec::kW, vec::load(s + x * vec::kW) * p.scale);
-      }
+      for (int x = 0; x < kV; ++x) vec::store(s + x * vec::kW, vec::load(s + x * vec::kW) * p.scale);
+      // Mask before pse: compressed alibi is only defined (and only readable) on kept positions.
       if (cls == TileClass::Partial)
         for (int64_t c = 0; c < cols; ++c)
           if (p.mask.masked(b, n, i, j0 + c)) s[c] = -INFINITY;
+      if (has_pse)
+        for (int64_t c = 0; c < cols; ++c)
+          if (s[c] != -INFINITY) s[c] += p.pse.mul * pse_at<T>(p.pse, sp, b, n, i, j0 + c);
       for (int64_t c = cols; c < kBk; ++c) s[c] = -INFINITY;
       vec::vf mv = vec::load(s);
       for (int x = 1; x < kV; ++x) mv = vec::vmax(mv, vec::load(s + x * vec::kW));
