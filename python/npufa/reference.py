@@ -175,7 +175,7 @@ def _attend(q, k, v, pse_b, masked, scale, sink, keep_b, keep_prob):
     Returns out [Nq,Sq,Dv], max [Nq,Sq], sum [Nq,Sq]."""
     nq, sq, _ = q.shape
     skv = k.shape[1]
-    if skv == 0:  # empty KV (§1.8): everything 0
+    if skv == 0 or q.shape[2] == 0:  # empty KV or D = 0 (§1.8): everything 0
         z = torch.zeros((nq, sq), dtype=_F64)
         return torch.zeros((nq, sq, v.shape[2]), dtype=_F64), z, z.clone()
 

@@ -7,21 +7,21 @@
 
 namespace npufa {
 
-inline float bits_to_f32(uint32_t u) {
+__attribute__((always_inline)) inline float bits_to_f32(uint32_t u) {
   float f;
   std::memcpy(&f, &u, 4);
   return f;
 }
-inline uint32_t f32_to_bits(float f) {
+__attribute__((always_inline)) inline uint32_t f32_to_bits(float f) {
   uint32_t u;
   std::memcpy(&u, &f, 4);
   return u;
 }
 
-inline float bf16_to_f32(uint16_t h) { return bits_to_f32(static_cast<uint32_t>(h) << 16); }
+__attribute__((always_inline)) inline float bf16_to_f32(uint16_t h) { return bits_to_f32(static_cast<uint32_t>(h) << 16); }
 
 // Round to nearest even; NaN stays NaN.
-inline uint16_t f32_to_bf16(float f) {
+__attribute__((always_inline)) inline uint16_t f32_to_bf16(float f) {
   uint32_t u = f32_to_bits(f);
   if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);
   u += 0x7fffu + ((u >> 16) & 1u);
@@ -29,7 +29,7 @@ inline uint16_t f32_to_bf16(float f) {
 }
 
 // IEEE half -> float (exact; no denormal float arithmetic, so FTZ/DAZ modes do not matter).
-inline float f16_to_f32(uint16_t h) {
+__attribute__((always_inline)) inline float f16_to_f32(uint16_t h) {
   constexpr uint32_t kShiftedExp = 0x7c00u << 13;
   uint32_t o = static_cast<uint32_t>(h & 0x7fffu) << 13;
   const uint32_t exp = o & kShiftedExp;
@@ -44,7 +44,7 @@ inline float f16_to_f32(uint16_t h) {
 }
 
 // float -> IEEE half, round to nearest even, overflow to Inf.
-inline uint16_t f32_to_f16(float f) {
+__attribute__((always_inline)) inline uint16_t f32_to_f16(float f) {
   uint32_t u = f32_to_bits(f);
   const uint32_t sign = (u >> 16) & 0x8000u;
   u &= 0x7fffffffu;

@@ -104,7 +104,7 @@ void dropout_row(const AttnProblem& p, int64_t b, int64_t n, int64_t i, int64_t 
   if (dr.kind == DropoutSpec::Kind::External) {
     for (int64_t c = 0; c < cols; ++c) {
       const uint64_t e = e0 + static_cast<uint64_t>(c);
-      keep[c] = static_cast<float>((dr.mask[e >> 3] >> (e & 7)) & 1);
+      keep[c] = static_cast<float>((dr.mask[static_cast<int64_t>(e >> 3) * dr.mask_stride] >> (e & 7)) & 1);
     }
     return;
   }
@@ -250,7 +250,7 @@ NPUFA_INLINE void tile_item(const AttnProblem& p, int64_t b, int64_t n, int64_t 
       continue;
     }
     float l = L[r];
-    if (p.sink) l += std::exp(p.sink[n] - M[r]);  // the sink only widens the denominator (§1.10)
+    if (!p.sink.empty()) l += std::exp(p.sink[static_cast<size_t>(n)] - M[r]);  // the sink only widens the denominator (§1.10)
     const float f = inv_keep / l;
     const float* o = O + r * dvp;
     for (int64_t d = 0; d < Dv; ++d) ob[obase + d * p.out.sd] = from_f32<T>(o[d] * f);

@@ -33,7 +33,7 @@ inline float pse_at(const PseSpec& ps, const SeqSpan& sp, int64_t b, int64_t n, 
     case PseSpec::Kind::Flat: {
       // Per-batch blocks [Nq, Sq_b, Skv_b] (si != 0) or [Nq, Skv_b] (si == 0), packed.
       const int64_t rows = ps.si ? sp.q_len : 1;
-      return pse_load<T>(ps, ps.batch_base[static_cast<size_t>(b)] + (n * rows + (ps.si ? i : 0)) * sp.kv_len + j);
+      return pse_load<T>(ps, (ps.batch_base[static_cast<size_t>(b)] + (n * rows + (ps.si ? i : 0)) * sp.kv_len + j) * ps.sj);
     }
   }
   return 0.f;

@@ -26,7 +26,7 @@ struct PseSpec {
   enum class Kind { None, Dense, AlibiDense, AlibiTnd, Flat } kind = Kind::None;
   const void* data = nullptr;
   DType dtype = DType::F32;
-  int64_t sb = 0, sn = 0, si = 0, sj = 0;  // Dense/Flat strides (0 on broadcast axes)
+  int64_t sb = 0, sn = 0, si = 0, sj = 0;  // Dense strides (0 on broadcast axes); Flat: si = has rows, sj = element stride
   int64_t rows = 0, cols = 0;              // Alibi: the compressed [1024, S] block per (b, n)
   int64_t sq = 0;                          // AlibiDense: the full Sq
   std::vector<int64_t> batch_base;         // Flat: element offset of batch b's block
@@ -37,7 +37,8 @@ struct DropoutSpec {
   enum class Kind { None, Philox, External } kind = DropoutSpec::Kind::None;
   double keep_prob = 1.0;
   uint64_t seed = 0, offset = 0;
-  const uint8_t* mask = nullptr;    // External: bit-packed
+  const uint8_t* mask = nullptr;    // External: bit-packed, byte t at mask[t * mask_stride]
+  int64_t mask_stride = 1;
   std::vector<int64_t> batch_base;  // element index of (b, n=0, i=0, j=0) in the mask order
 };
 
@@ -51,7 +52,7 @@ struct AttnProblem {
   float scale = 1.0f;
   PseSpec pse;
   MaskSpec mask;
-  const float* sink = nullptr;  // [Nq] or null
+  std::vector<float> sink;  // [Nq] or empty
   DropoutSpec dropout;
 };
 

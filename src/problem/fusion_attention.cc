@@ -359,7 +359,7 @@ void build_pse(const FusionAttentionParams& p, Layout layout, const Dims& d, Att
     ps.kind = PseSpec::Kind::Flat;
     ps.si = t.numel() == d.Nq * sum_ss ? 1 : 0;
     if (!ps.si && t.numel() != d.Nq * sum_kv) bad();
-    if (!is_contiguous(t)) fail(kOp, ": a 1-D pse must be contiguous, got strides ", shape_str(t.strides));
+    ps.sj = t.stride(0);
     int64_t base = 0;
     for (const SeqSpan& s : pr.seqs) {
       ps.batch_base.push_back(base);
@@ -481,8 +481,7 @@ FusionAttentionCanon canonicalize_fusion_attention(const FusionAttentionParams& 
     if (s.dtype != DType::F32) fail<TypeError>(kOp, ": sink must be float32, got ", dtype_name(s.dtype));
     if (s.dim() != 1 || s.size(0) != d.Nq)
       fail(kOp, ": sink must have shape [head_num] = [", d.Nq, "], got ", shape_str(s.shape));
-    if (s.stride(0) != 1) fail(kOp, ": sink must be contiguous, got stride ", s.stride(0));
-    pr.sink = static_cast<const float*>(s.data);
+    for (int64_t n = 0; n < d.Nq; ++n) pr.sink.push_back(static_cast<const float*>(s.data)[n * s.stride(0)]);
   }
 
   // Dropout (§2.4): element order [B, Nq, Sq, Skv], TND per-batch [Nq, Sq_b, Skv_b] blocks.
@@ -497,12 +496,15 @@ FusionAttentionCanon canonicalize_fusion_attention(const FusionAttentionParams& 
     if (p.dropout_mask) {
       const TensorView& m = *p.dropout_mask;
       if (m.dtype != DType::U8) fail<TypeError>(kOp, ": dropout_mask must be uint8 (bit-packed), got ", dtype_name(m.dtype));
-      if (!is_contiguous(m)) fail(kOp, ": dropout_mask must be contiguous, got strides ", shape_str(m.strides));
+      if (m.dim() != 1 && !is_contiguous(m))
+        fail(kOp, ": dropout_mask must be 1-D or contiguous, got shape ", shape_str(m.shape), " strides ",
+             shape_str(m.strides));
       if (m.numel() < (total + 7) / 8)
         fail(kOp, ": dropout_mask must hold at least ceil(", total, " / 8) = ", (total + 7) / 8,
              " bytes (one bit per element of [B, N, Sq, Skv]), got ", m.numel());
       dr.kind = DropoutSpec::Kind::External;
       dr.mask = static_cast<const uint8_t*>(m.data);
+      dr.mask_stride = m.dim() == 1 ? m.stride(0) : 1;
     } else {
       dr.kind = DropoutSpec::Kind::Philox;
       dr.seed = static_cast<uint64_t>(p.seed);
