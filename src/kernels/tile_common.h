@@ -1,0 +1,144 @@
+// Pieces shared by the flash kernels: tile sizes, register-blocked micro-kernels, dropout bits,
+// and the one ISA dispatch point.
+#pragma once
+#include <array>
+#include <cstdint>
+
+#include "core/convert.h"
+#include "kernels/vec.h"
+#include "npufa/dropout.h"
+#include "problem/attn_problem.h"
+
+// Everything a work item runs is force-inlined into one entry per ISA level (see pick_isa).
+#define NPUFA_INLINE inline __attribute__((always_inline))
+
+namespace npufa::tile {
+
+constexpr int64_t kBq = 64;  // query rows per work item
+constexpr int64_t kBk = 64;  // keys per tile (fixed so the inner loops vectorise fully)
+
+constexpr int64_t kRb = 4;  // query rows per register block of the micro-kernels
+
+// Rows of V, O and gradients are padded to whole vectors.
+inline int64_t padded(int64_t n) { return (n + vec::kW - 1) / vec::kW * vec::kW; }
+
+template <DType T>
+using St = typename Storage<T>::type;
+
+// S[r][0..kBk) = Q[r] · Kt for rows [0, rows); Q rows have stride qs and Q holds whole kRb blocks
+// (padding rows zero); Kt is [D][kBk].
+NPUFA_INLINE void qk_tile(const float* Q, int64_t qs, const float* Kt, float* S, int64_t rows, int64_t D) {
+  using vec::vf;
+  constexpr int kV = kBk / vec::kW;
+  for (int64_t r0 = 0; r0 < rows; r0 += kRb) {
+    vf acc[kRb][kV] = {};
+    for (int64_t d = 0; d < D; ++d) {
+      vf kv[kV];
+      for (int x = 0; x < kV; ++x) kv[x] = vec::load(Kt + d * kBk + x * vec::kW);
+      for (int64_t rr = 0; rr < kRb; ++rr) {
+        const float qv = Q[(r0 + rr) * qs + d];
+        for (int x = 0; x < kV; ++x) acc[rr][x] += qv * kv[x];
+      }
+    }
+    for (int64_t rr = 0; rr < kRb && r0 + rr < rows; ++rr)
+      for (int x = 0; x < kV; ++x) vec::store(S + (r0 + rr) * kBk + x * vec::kW, acc[rr][x]);
+  }
+}
+
+// O[r] += Σ_c P[r][c] · V[c] for rows [0, rows), c < cols; O and V rows have stride dvp.
+NPUFA_INLINE void pv_tile(const float* P, const float* V, float* O, int64_t rows, int64_t cols, int64_t dvp) {
+  using vec::vf;
+  constexpr int kV = 4;
+  for (int64_t r0 = 0; r0 < rows; r0 += kRb) {
+    const int64_t nr = rows - r0 < kRb ? rows - r0 : kRb;
+    for (int64_t d0 = 0; d0 < dvp; d0 += kV * vec::kW) {
+      const int nv = static_cast<int>((dvp - d0) / vec::kW < kV ? (dvp - d0) / vec::kW : kV);
+      vf acc[kRb][kV] = {};
+      for (int64_t rr = 0; rr < nr; ++rr)
+        for (int x = 0; x < nv; ++x) acc[rr][x] = vec::load(O + (r0 + rr) * dvp + d0 + x * vec::kW);
+      for (int64_t c = 0; c < cols; ++c) {
+        vf vv[kV];
+        for (int x = 0; x < nv; ++x) vv[x] = vec::load(V + c * dvp + d0 + x * vec::kW);
+        for (int64_t rr = 0; rr < kRb; ++rr) {
+          const float pc = P[(r0 + rr) * kBk + c];
+          for (int x = 0; x < nv; ++x) acc[rr][x] += pc * vv[x];
+        }
+      }
+      for (int64_t rr = 0; rr < nr; ++rr)
+        for (int x = 0; x < nv; ++x) vec::store(O + (r0 + rr) * dvp + d0 + x * vec::kW, acc[rr][x]);
+    }
+  }
+}
+
+// Keep bits of keys [j0, j0 + cols) of row i, as 0/1 floats.
+inline void dropout_row(const AttnProblem& p, int64_t b, int64_t n, int64_t i, int64_t j0, int64_t cols, float* keep) {
+  const DropoutSpec& dr = p.dropout;
+  const SeqSpan& sp = p.seqs[static_cast<size_t>(b)];
+  const uint64_t e0 = static_cast<uint64_t>(dr.batch_base[static_cast<size_t>(b)] + (n * sp.q_len + i) * sp.kv_len + j0);
+  if (dr.kind == DropoutSpec::Kind::External) {
+    for (int64_t c = 0; c < cols; ++c) {
+      const uint64_t e = e0 + static_cast<uint64_t>(c);
+      keep[c] = static_cast<float>((dr.mask[static_cast<int64_t>(e >> 3) * dr.mask_stride] >> (e & 7)) & 1);
+    }
+    return;
+  }
+  const uint64_t thr = dropout_threshold(dr.keep_prob);
+  uint64_t blk = ~uint64_t{0};
+  std::array<uint32_t, 4> w{};
+  for (int64_t c = 0; c < cols; ++c) {
+    const uint64_t e = e0 + static_cast<uint64_t>(c);
+    if ((e >> 2) != blk) {
+      blk = e >> 2;
+      w = philox4x32_10({static_cast<uint32_t>(blk), static_cast<uint32_t>(blk >> 32),
+                         static_cast<uint32_t>(dr.offset), static_cast<uint32_t>(dr.offset >> 32)},
+                        {static_cast<uint32_t>(dr.seed), static_cast<uint32_t>(dr.seed >> 32)});
+    }
+    keep[c] = w[e & 3] < thr ? 1.f : 0.f;
+  }
+}
+
+// Transposes a [kBk][kBk] tile (rows, cols valid) into dst.
+NPUFA_INLINE void transpose_tile(const float* src, float* dst, int64_t rows, int64_t cols) {
+  for (int64_t c = 0; c < cols; ++c)
+    for (int64_t r = 0; r < rows; ++r) dst[c * kBk + r] = src[r * kBk + c];
+}
+
+using DTypeTag = DType;
+
+// K::run<T>(args...) compiled for x86-64-v4 (AVX-512), x86-64-v3 (AVX2+FMA) or the baseline and
+// chosen once at run time. (GCC 12's target_clones resolver picked the baseline on this Zen 5 CPU,
+// hence by hand.)
+template <class K, DType T, class... A>
+void isa_base(A... a) {
+  K::template run<T>(a...);
+}
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+template <class K, DType T, class... A>
+__attribute__((target("arch=x86-64-v4"))) void isa_v4(A... a) {
+  K::template run<T>(a...);
+}
+template <class K, DType T, class... A>
+__attribute__((target("arch=x86-64-v3"))) void isa_v3(A... a) {
+  K::template run<T>(a...);
+}
+#endif
+
+template <class K, DType T, class... A>
+auto pick_isa() -> void (*)(A...) {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("x86-64-v4")) return isa_v4<K, T, A...>;
+  if (__builtin_cpu_supports("x86-64-v3")) return isa_v3<K, T, A...>;
+#endif
+  return isa_base<K, T, A...>;
+}
+
+// The entry of K for dtype t (F32, F16 or BF16), resolved once per K.
+template <class K, class... A>
+auto isa_entry(DType t) -> void (*)(A...) {
+  static const auto f32 = pick_isa<K, DType::F32, A...>(), f16 = pick_isa<K, DType::F16, A...>(),
+                    bf16 = pick_isa<K, DType::BF16, A...>();
+  return t == DType::F32 ? f32 : t == DType::F16 ? f16 : bf16;
+}
+
+}  // namespace npufa::tile
