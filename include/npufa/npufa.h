@@ -4,5 +4,6 @@
 #include "npufa/error.h"
 #include "npufa/layout.h"
 #include "npufa/ops/fusion_attention.h"
+#include "npufa/ops/fusion_attention_grad.h"
 #include "npufa/parallel.h"
 #include "npufa/tensor_view.h"

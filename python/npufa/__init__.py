@@ -6,12 +6,13 @@ in the ``npufa`` namespace (``torch.ops.npufa.*``).
 import torch  # noqa: F401  (custom ops register against torch)
 
 from . import reference
-from ._fusion_attention import npu_fusion_attention
+from ._fusion_attention import npu_fusion_attention, npu_fusion_attention_grad
 from ._runtime import get_num_threads, set_num_threads
 from .dropout import _npu_dropout_gen_mask, dropout_gen_mask, dropout_mask_bytes
 
 __all__ = [
     "npu_fusion_attention",
+    "npu_fusion_attention_grad",
     "_npu_dropout_gen_mask",
     "dropout_gen_mask",
     "dropout_mask_bytes",

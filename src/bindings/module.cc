@@ -45,6 +45,43 @@ std::optional<npufa::TensorView> view(const OptArray& a) {
   return view(*a);
 }
 
+template <class T>
+T item(const nb::tuple& t, size_t i) {
+  return nb::cast<T>(t[i]);
+}
+
+// The forward's arguments, in torch_npu order without gen_mask_parallel/sync: query, key, value,
+// head_num, input_layout, pse, padding_mask, atten_mask, scale, keep_prob, pre_tockens,
+// next_tockens, inner_precise, prefix, actual_seq_qlen, actual_seq_kvlen, sparse_mode,
+// softmax_layout, sink, dropout_mask, seed, offset.
+npufa::FusionAttentionParams fwd_params(const nb::tuple& a) {
+  if (a.size() != 22) throw npufa::ValueError("npufa._C: expected 22 forward arguments, got " + std::to_string(a.size()));
+  npufa::FusionAttentionParams p;
+  p.query = view(item<Array>(a, 0));
+  p.key = view(item<Array>(a, 1));
+  p.value = view(item<Array>(a, 2));
+  p.head_num = item<int64_t>(a, 3);
+  p.input_layout = item<std::string>(a, 4);
+  p.pse = view(item<OptArray>(a, 5));
+  p.padding_mask = view(item<OptArray>(a, 6));
+  p.atten_mask = view(item<OptArray>(a, 7));
+  p.scale = item<double>(a, 8);
+  p.keep_prob = item<double>(a, 9);
+  p.pre_tockens = item<int64_t>(a, 10);
+  p.next_tockens = item<int64_t>(a, 11);
+  p.inner_precise = item<int64_t>(a, 12);
+  p.prefix = item<OptList>(a, 13);
+  p.actual_seq_qlen = item<OptList>(a, 14);
+  p.actual_seq_kvlen = item<OptList>(a, 15);
+  p.sparse_mode = item<int64_t>(a, 16);
+  p.softmax_layout = item<std::string>(a, 17);
+  p.sink = view(item<OptArray>(a, 18));
+  p.dropout_mask = view(item<OptArray>(a, 19));
+  p.seed = item<int64_t>(a, 20);
+  p.offset = item<int64_t>(a, 21);
+  return p;
+}
+
 }  // namespace
 
 NB_MODULE(_C, m) {
@@ -79,34 +116,8 @@ NB_MODULE(_C, m) {
 
   m.def(
       "fusion_attention_fwd",
-      [](const Array& q, const Array& k, const Array& v, int64_t head_num, std::string layout, OptArray pse,
-         OptArray padding_mask, OptArray atten_mask, double scale, double keep_prob, int64_t pre, int64_t next,
-         int64_t inner_precise, OptList prefix, OptList qlen, OptList kvlen, int64_t sparse_mode,
-         std::string softmax_layout, OptArray sink, OptArray dropout_mask, int64_t seed, int64_t offset,
-         OptArray out, OptArray smax, OptArray ssum) -> nb::object {
-        npufa::FusionAttentionParams p;
-        p.query = view(q);
-        p.key = view(k);
-        p.value = view(v);
-        p.head_num = head_num;
-        p.input_layout = std::move(layout);
-        p.pse = view(pse);
-        p.padding_mask = view(padding_mask);
-        p.atten_mask = view(atten_mask);
-        p.scale = scale;
-        p.keep_prob = keep_prob;
-        p.pre_tockens = pre;
-        p.next_tockens = next;
-        p.inner_precise = inner_precise;
-        p.prefix = std::move(prefix);
-        p.actual_seq_qlen = std::move(qlen);
-        p.actual_seq_kvlen = std::move(kvlen);
-        p.sparse_mode = sparse_mode;
-        p.softmax_layout = std::move(softmax_layout);
-        p.sink = view(sink);
-        p.dropout_mask = view(dropout_mask);
-        p.seed = seed;
-        p.offset = offset;
+      [](const nb::tuple& args, OptArray out, OptArray smax, OptArray ssum) -> nb::object {
+        npufa::FusionAttentionParams p = fwd_params(args);
         if (!out || !smax || !ssum) {  // validation only: the output shapes
           const auto s = npufa::fusion_attention_output_shapes(p);
           return nb::cast(std::make_tuple(s.attention_out, s.softmax_max, s.softmax_sum));
@@ -121,13 +132,31 @@ NB_MODULE(_C, m) {
         }
         return nb::cast(std::make_tuple(r.seed, r.offset, r.numels));
       },
-      nb::arg("query"), nb::arg("key"), nb::arg("value"), nb::arg("head_num"), nb::arg("input_layout"),
-      nb::arg("pse").none(), nb::arg("padding_mask").none(), nb::arg("atten_mask").none(), nb::arg("scale"),
-      nb::arg("keep_prob"), nb::arg("pre_tockens"), nb::arg("next_tockens"), nb::arg("inner_precise"),
-      nb::arg("prefix").none(), nb::arg("actual_seq_qlen").none(), nb::arg("actual_seq_kvlen").none(),
-      nb::arg("sparse_mode"), nb::arg("softmax_layout"), nb::arg("sink").none(), nb::arg("dropout_mask").none(),
-      nb::arg("seed"), nb::arg("offset"), nb::arg("attention_out").none() = nb::none(),
-      nb::arg("softmax_max").none() = nb::none(), nb::arg("softmax_sum").none() = nb::none(),
-      "Validates and runs npu_fusion_attention into the given outputs; with no outputs, validates and "
-      "returns their shapes.");
+      nb::arg("args"), nb::arg("attention_out").none() = nb::none(), nb::arg("softmax_max").none() = nb::none(),
+      nb::arg("softmax_sum").none() = nb::none(),
+      "npu_fusion_attention into the given outputs; with no outputs, validates and returns their shapes. "
+      "args: the torch_npu arguments in order (query ... offset, without gen_mask_parallel/sync).");
+
+  m.def(
+      "fusion_attention_grad",
+      [](const nb::tuple& args, const Array& dy, OptArray softmax_max, OptArray softmax_sum, OptArray attention_in,
+         int64_t numels, const Array& dq, const Array& dk, const Array& dv, OptArray dpse, OptArray dsink) {
+        npufa::FusionAttentionGradParams g;
+        g.fwd = fwd_params(args);
+        g.dy = view(dy);
+        g.softmax_max = view(softmax_max);
+        g.softmax_sum = view(softmax_sum);
+        g.attention_in = view(attention_in);
+        g.numels = numels;
+        g.dq = view(dq);
+        g.dk = view(dk);
+        g.dv = view(dv);
+        g.dpse = view(dpse);
+        g.dsink = view(dsink);
+        nb::gil_scoped_release release;
+        npufa::fusion_attention_grad(g);
+      },
+      nb::arg("args"), nb::arg("dy"), nb::arg("softmax_max").none(), nb::arg("softmax_sum").none(),
+      nb::arg("attention_in").none(), nb::arg("numels"), nb::arg("dq"), nb::arg("dk"), nb::arg("dv"),
+      nb::arg("dpse").none(), nb::arg("dsink").none());
 }

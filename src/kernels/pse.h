@@ -10,33 +10,38 @@ inline float pse_load(const PseSpec& ps, int64_t idx) {
   return to_f32<T>(static_cast<const typename Storage<T>::type*>(ps.data)[idx]);
 }
 
-// Local indices i < Sq_b, j < Skv_b. Alibi kinds are only read on j <= i (validated: causal).
-template <DType T>
-inline float pse_at(const PseSpec& ps, const SeqSpan& sp, int64_t b, int64_t n, int64_t i, int64_t j) {
+// Element offset of the bias of (b, n, i, j), local indices i < Sq_b, j < Skv_b. Alibi kinds are only
+// read on j <= i (validated: causal).
+inline int64_t pse_index(const PseSpec& ps, const SeqSpan& sp, int64_t b, int64_t n, int64_t i, int64_t j) {
   switch (ps.kind) {
     case PseSpec::Kind::None:
-      return 0.f;
+      return 0;
     case PseSpec::Kind::Dense:
-      return pse_load<T>(ps, b * ps.sb + n * ps.sn + i * ps.si + j * ps.sj);
+      return b * ps.sb + n * ps.sn + i * ps.si + j * ps.sj;
     case PseSpec::Kind::AlibiDense: {
       // The last `rows` rows of a Toeplitz bias; earlier rows read a row with the same i - j.
       const int64_t R = ps.sq - ps.rows;
-      if (i >= R) return pse_load<T>(ps, b * ps.sb + n * ps.sn + (i - R) * ps.si + j * ps.sj);
+      if (i >= R) return b * ps.sb + n * ps.sn + (i - R) * ps.si + j * ps.sj;
       const int64_t m = i % ps.rows;
-      return pse_load<T>(ps, b * ps.sb + n * ps.sn + m * ps.si + (j + R + m - i) * ps.sj);
+      return b * ps.sb + n * ps.sn + m * ps.si + (j + R + m - i) * ps.sj;
     }
     case PseSpec::Kind::AlibiTnd: {
       const int64_t R = ps.cols - ps.rows, d = i - j;
       const int64_t base = b * ps.sb + n * ps.sn;
-      return d >= R ? pse_load<T>(ps, base + (d - R) * ps.si) : pse_load<T>(ps, base + (R - d) * ps.sj);
+      return d >= R ? base + (d - R) * ps.si : base + (R - d) * ps.sj;
     }
     case PseSpec::Kind::Flat: {
       // Per-batch blocks [Nq, Sq_b, Skv_b] (si != 0) or [Nq, Skv_b] (si == 0), packed.
       const int64_t rows = ps.si ? sp.q_len : 1;
-      return pse_load<T>(ps, (ps.batch_base[static_cast<size_t>(b)] + (n * rows + (ps.si ? i : 0)) * sp.kv_len + j) * ps.sj);
+      return (ps.batch_base[static_cast<size_t>(b)] + (n * rows + (ps.si ? i : 0)) * sp.kv_len + j) * ps.sj;
     }
   }
-  return 0.f;
+  return 0;
+}
+
+template <DType T>
+inline float pse_at(const PseSpec& ps, const SeqSpan& sp, int64_t b, int64_t n, int64_t i, int64_t j) {
+  return ps.kind == PseSpec::Kind::None ? 0.f : pse_load<T>(ps, pse_index(ps, sp, b, n, i, j));
 }
 
 }  // namespace npufa

@@ -62,6 +62,22 @@ struct MaskSpec {
     return TileClass::Partial;
   }
 
+  // Rows that keep some column of [j0, j1) lie in [lo, hi) (a superset with an explicit mask).
+  void col_rows(int64_t b, int64_t j0, int64_t j1, int64_t sq, int64_t* lo, int64_t* hi) const {
+    *lo = 0;
+    *hi = sq;
+    if (band.empty() || j0 >= j1) return;
+    const Band& bd = band[static_cast<size_t>(b)];
+    if (j0 < bd.prefix) return;  // prefix columns are kept on every row
+    // kept iff i >= j - next and i <= j + pre
+    int64_t l = bd.next >= kUnbounded ? 0 : j0 - bd.next;
+    int64_t h = bd.pre >= kUnbounded ? sq : (j1 - 1) + bd.pre + 1;
+    l = l < 0 ? 0 : (l > sq ? sq : l);
+    h = h > sq ? sq : h;
+    *lo = l;
+    *hi = h < l ? l : h;
+  }
+
   // Kept columns of row i lie in [lo, hi) (a superset when an explicit mask is present).
   void row_range(int64_t b, int64_t i, int64_t skv, int64_t* lo, int64_t* hi) const {
     *lo = 0;
@@ -70,7 +86,7 @@ struct MaskSpec {
     const Band& bd = band[static_cast<size_t>(b)];
     int64_t l = bd.pre >= kUnbounded ? 0 : i - bd.pre;
     int64_t h = bd.next >= kUnbounded ? skv : i + bd.next + 1;
-    l = l < 0 ? 0 : l;
+    l = l < 0 ? 0 : (l > skv ? skv : l);
     h = h > skv ? skv : h;
     if (bd.prefix > 0) {
       l = 0;

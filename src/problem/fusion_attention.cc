@@ -395,6 +395,29 @@ void build_pse(const FusionAttentionParams& p, Layout layout, const Dims& d, Att
   ps.kind = PseSpec::Kind::Dense;
 }
 
+void check_tensor(const char* op, const TensorView& t, const char* name, DType dt, const std::vector<int64_t>& shape) {
+  if (t.dtype != dt) fail<TypeError>(op, ": ", name, " must be ", dtype_name(dt), ", got ", dtype_name(t.dtype));
+  if (t.shape != shape) fail(op, ": ", name, " must have shape ", shape_str(shape), ", got ", shape_str(t.shape));
+}
+
+// Softmax statistics [B, Nq, Sq, 8] or [Tq, Nq, 8] (N-major data unless softmax_layout "TND", §2.3).
+Acc4 stat_acc(const char* op, const TensorView& t, const char* name, const FusionAttentionCanon& c) {
+  Acc4 a;
+  a.base = t.data;
+  if (c.layout != Layout::TND) {
+    a.sb = t.stride(0); a.sn = t.stride(1); a.ss = t.stride(2); a.sd = t.stride(3);
+  } else if (c.stats_t_major) {
+    a.ss = t.stride(0); a.sn = t.stride(1); a.sd = t.stride(2);
+  } else {
+    // N-major data in a [Tq, Nq, 8] buffer: only meaningful for the plain contiguous buffer.
+    if (!is_contiguous(t))
+      fail(op, ": ", name, " must be contiguous for input_layout TND with softmax_layout \"\", got strides ",
+           shape_str(t.strides));
+    a.ss = 8; a.sn = t.size(0) * 8; a.sd = 1;
+  }
+  return a;
+}
+
 }  // namespace
 
 FusionAttentionCanon canonicalize_fusion_attention(const FusionAttentionParams& p, bool with_outputs) {
@@ -454,6 +477,7 @@ FusionAttentionCanon canonicalize_fusion_attention(const FusionAttentionParams& 
       s.kv_off = s.kv_len ? pk : 0;
       pr.seqs.push_back(s);
       c.rows_covered = std::max(c.rows_covered, cq[b]);
+      c.kv_rows_covered = std::max(c.kv_rows_covered, ck[b]);
       pq = cq[b];
       pk = ck[b];
     }
@@ -512,29 +536,65 @@ FusionAttentionCanon canonicalize_fusion_attention(const FusionAttentionParams& 
     }
   }
 
+  c.stats_t_major = sl == "TND";
   if (with_outputs) {
-    auto check = [&](const TensorView& t, const char* name, DType dt, const std::vector<int64_t>& shape) {
-      if (t.dtype != dt) fail<TypeError>(kOp, ": ", name, " must be ", dtype_name(dt), ", got ", dtype_name(t.dtype));
-      if (t.shape != shape) fail(kOp, ": ", name, " must have shape ", shape_str(shape), ", got ", shape_str(t.shape));
-    };
-    check(p.attention_out, "attention_out", p.query.dtype, c.shapes.attention_out);
-    check(p.softmax_max, "softmax_max", DType::F32, c.shapes.softmax_max);
-    check(p.softmax_sum, "softmax_sum", DType::F32, c.shapes.softmax_sum);
+    check_tensor(kOp, p.attention_out, "attention_out", p.query.dtype, c.shapes.attention_out);
+    check_tensor(kOp, p.softmax_max, "softmax_max", DType::F32, c.shapes.softmax_max);
+    check_tensor(kOp, p.softmax_sum, "softmax_sum", DType::F32, c.shapes.softmax_sum);
     pr.out = acc_for(p.attention_out, layout, d.Dv);
-    for (auto [acc, t] : {std::pair{&pr.smax, &p.softmax_max}, std::pair{&pr.ssum, &p.softmax_sum}}) {
-      acc->base = t->data;
-      if (!tnd) {
-        acc->sb = t->stride(0); acc->sn = t->stride(1); acc->ss = t->stride(2); acc->sd = t->stride(3);
-      } else if (sl == "TND") {
-        acc->ss = t->stride(0); acc->sn = t->stride(1); acc->sd = t->stride(2);
-      } else {
-        // N-major data in a [Tq, Nq, 8] buffer (§2.3): needs the plain contiguous buffer.
-        if (!is_contiguous(*t)) fail(kOp, ": softmax outputs must be contiguous for softmax_layout \"\" with TND");
-        acc->ss = 8; acc->sn = d.Sq * 8; acc->sd = 1;
-      }
-    }
+    pr.smax = stat_acc(kOp, p.softmax_max, "softmax_max", c);
+    pr.ssum = stat_acc(kOp, p.softmax_sum, "softmax_sum", c);
   }
   return c;
+}
+
+FusionAttentionGradCanon canonicalize_fusion_attention_grad(const FusionAttentionGradParams& g) {
+  constexpr const char* op = "npu_fusion_attention_grad";
+  FusionAttentionGradCanon gc;
+  gc.fwd = canonicalize_fusion_attention(g.fwd, false);
+  FusionAttentionCanon& c = gc.fwd;
+  AttnProblem& pr = c.problem;
+  const FusionAttentionParams& p = g.fwd;
+  check_tensor(op, g.dy, "dy", p.query.dtype, c.shapes.attention_out);
+  for (auto [t, name] : {std::pair{&g.softmax_max, "softmax_max"}, std::pair{&g.softmax_sum, "softmax_sum"},
+                         std::pair{&g.attention_in, "attention_in"}})
+    if (!*t)
+      fail(op, ": ", name, " is required (the forward's ", name == std::string("attention_in") ? "attention_out" : name,
+           "), got None");
+  check_tensor(op, *g.softmax_max, "softmax_max", DType::F32, c.shapes.softmax_max);
+  check_tensor(op, *g.softmax_sum, "softmax_sum", DType::F32, c.shapes.softmax_sum);
+  check_tensor(op, *g.attention_in, "attention_in", p.query.dtype, c.shapes.attention_out);
+  if (pr.dropout.kind == DropoutSpec::Kind::Philox && g.numels != c.numels)
+    fail(op, ": numels must be the forward's mask length for these shapes (", c.numels,
+         ") when keep_prob < 1, got ", g.numels);
+  pr.smax = stat_acc(op, *g.softmax_max, "softmax_max", c);
+  pr.ssum = stat_acc(op, *g.softmax_sum, "softmax_sum", c);
+
+  check_tensor(op, g.dq, "dq", p.query.dtype, p.query.shape);
+  check_tensor(op, g.dk, "dk", p.key.dtype, p.key.shape);
+  check_tensor(op, g.dv, "dv", p.value.dtype, p.value.shape);
+  BwdIO& io = gc.io;
+  io.dy = acc_for(g.dy, c.layout, pr.Dv);
+  io.o = acc_for(*g.attention_in, c.layout, pr.Dv);
+  io.dq = acc_for(g.dq, c.layout, pr.D);
+  io.dk = acc_for(g.dk, c.layout, pr.D);
+  io.dv = acc_for(g.dv, c.layout, pr.Dv);
+  if (p.pse) {
+    if (!g.dpse) fail(op, ": dpse output is required when pse is given");
+    // dpse is accumulated in the pse's element-offset space: both must be plain contiguous.
+    if (!is_contiguous(*p.pse))
+      fail(op, ": pse must be contiguous for the backward, got strides ", shape_str(p.pse->strides));
+    check_tensor(op, *g.dpse, "dpse", p.pse->dtype, p.pse->shape);
+    if (!is_contiguous(*g.dpse)) fail(op, ": dpse must be contiguous");
+    io.dpse_numel = p.pse->numel();
+  }
+  if (p.sink) {
+    if (!g.dsink) fail(op, ": dsink output is required when sink is given");
+    check_tensor(op, *g.dsink, "dsink", DType::F32, {pr.Nq});
+    if (g.dsink->stride(0) != 1) fail(op, ": dsink must be contiguous");
+    io.dsink = static_cast<float*>(g.dsink->data);
+  }
+  return gc;
 }
 
 }  // namespace npufa

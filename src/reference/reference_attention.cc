@@ -63,7 +63,7 @@ double reference_pse(const AttnProblem& p, int64_t b, int64_t n, int64_t i, int6
         base += p.Nq * (per_row ? s.q_len : 1) * s.kv_len;
       }
       const SeqSpan& s = p.seqs[static_cast<size_t>(b)];
-      return at(base + (per_row ? (n * s.q_len + i) * s.kv_len : n * s.kv_len) + j);
+      return at((base + (per_row ? (n * s.q_len + i) * s.kv_len : n * s.kv_len) + j) * ps.sj);  // sj: element stride
     }
   }
   throw std::logic_error("reference: unknown pse kind");
@@ -80,7 +80,7 @@ int reference_keep(const AttnProblem& p, int64_t b, int64_t n, int64_t i, int64_
   }
   const SeqSpan& s = p.seqs[static_cast<size_t>(b)];
   e += static_cast<uint64_t>((n * s.q_len + i) * s.kv_len + j);
-  if (dr.kind == DropoutSpec::Kind::External) return (dr.mask[e / 8] >> (e % 8)) & 1;
+  if (dr.kind == DropoutSpec::Kind::External) return (dr.mask[static_cast<int64_t>(e / 8) * dr.mask_stride] >> (e % 8)) & 1;
   return dropout_keep(dr.seed, dr.offset, dr.keep_prob, e) ? 1 : 0;
 }
 

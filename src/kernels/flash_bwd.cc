@@ -1,0 +1,372 @@
+// Flash-attention backward (FlashAttention-2 recomputation). Spec §4.4:
+//   P = exp(S - m) / l,  P' = P·keep/keep_prob,  Δ_i = dY_i·O_i,
+//   dV = P'^T dY,  dP = dY V^T · keep/keep_prob,  dS = P ⊙ (dP - Δ),
+//   dQ = scale · dS K,  dK = scale · dS^T Q,  dpse = mul · dS,  dsink_n = -Σ_i exp(sink_n - m_i)/l_i · Δ_i.
+#include "kernels/flash_bwd.h"
+
+#include <algorithm>
+#include <cfloat>
+#include <cmath>
+#include <vector>
+
+#include "kernels/pse.h"
+#include "kernels/tile_common.h"
+#include "npufa/parallel.h"
+
+namespace npufa {
+namespace {
+
+using namespace tile;
+
+struct BwdScratch {
+  // Q and dY tiles (row-major, padded), K/V tiles (transposed [d][kBk] and row-major K),
+  // score-sized tiles, accumulators.
+  std::vector<float> q, dy, kt, kr, vt, s, p, dp, t, acc_a, acc_b, m, l, delta, keep;
+  std::vector<double> dsink;
+  void reserve(int64_t D, int64_t Dv, int64_t Nq) {
+    const int64_t dp_ = padded(D), dvp = padded(Dv);
+    q.resize(kBq * dp_);
+    dy.resize(kBq * dvp);
+    kt.resize(D * kBk);
+    kr.resize(kBk * dp_);
+    vt.resize(Dv * kBk);
+    s.resize(kBq * kBk);
+    p.resize(kBq * kBk);
+    dp.resize(kBq * kBk);
+    t.resize(kBk * kBk);
+    acc_a.resize(kBk * std::max(dp_, dvp));
+    acc_b.resize(kBk * std::max(dp_, dvp));
+    m.resize(kBq);
+    l.resize(kBq);
+    delta.resize(kBq);
+    keep.resize(kBk);
+    dsink.assign(static_cast<size_t>(Nq), 0.0);
+  }
+};
+
+struct Shared {
+  const AttnProblem* p;
+  const BwdIO* io;
+  std::vector<int64_t> delta_base;  // Δ of (b, n, i) at delta[delta_base[b] + n*Sq_b + i]
+  std::vector<float> delta;
+  mutable std::vector<std::vector<float>> dpse_parts;  // per thread (or one shared when rows own their elements)
+  bool dpse_shared = false;
+};
+
+template <DType T>
+using Elem = typename Storage<T>::type;
+
+// Loads rows [i0, i0+rows) of head n of an Acc4 tensor into dst [kBq][ld] (zero-padded to kRb rows
+// and ld columns).
+template <DType T>
+NPUFA_INLINE void load_rows(const Acc4& a, int64_t b, int64_t n, int64_t off, int64_t rows, int64_t width,
+                            int64_t ld, float* dst) {
+  const auto* base = static_cast<const Elem<T>*>(a.base);
+  const int64_t rows_p = (rows + kRb - 1) / kRb * kRb;
+  for (int64_t r = 0; r < rows_p; ++r) {
+    float* d = dst + r * ld;
+    if (r < rows) {
+      const int64_t o = a.at(b, n, off + r, 0);
+      for (int64_t x = 0; x < width; ++x) d[x] = to_f32<T>(base[o + x * a.sd]);
+      std::fill(d + width, d + ld, 0.f);
+    } else {
+      std::fill(d, d + ld, 0.f);
+    }
+  }
+}
+
+// Loads key rows [j0, j0+cols) transposed into dst [width][kBk] (zero-padded columns).
+template <DType T>
+NPUFA_INLINE void load_cols_t(const Acc4& a, int64_t b, int64_t n, int64_t off, int64_t cols, int64_t width,
+                              float* dst) {
+  const auto* base = static_cast<const Elem<T>*>(a.base);
+  for (int64_t c = 0; c < kBk; ++c) {
+    if (c < cols) {
+      const int64_t o = a.at(b, n, off + c, 0);
+      for (int64_t x = 0; x < width; ++x) dst[x * kBk + c] = to_f32<T>(base[o + x * a.sd]);
+    } else {
+      for (int64_t x = 0; x < width; ++x) dst[x * kBk + c] = 0.f;
+    }
+  }
+}
+
+template <DType T>
+NPUFA_INLINE void store_rows(const Acc4& a, int64_t b, int64_t n, int64_t off, int64_t rows, int64_t width,
+                             int64_t ld, const float* src, float mul) {
+  auto* base = static_cast<Elem<T>*>(a.base);
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t o = a.at(b, n, off + r, 0);
+    for (int64_t x = 0; x < width; ++x) base[o + x * a.sd] = from_f32<T>(src[r * ld + x] * mul);
+  }
+}
+
+// For one (query tile, key tile) pair: S -> P (normalised with the saved stats), P' (dropout
+// applied) and dS, all [rows][kBk], zero outside the kept set. Needs sc.q, sc.kt, sc.dy, sc.vt,
+// sc.m, sc.l, sc.delta loaded.
+template <DType T>
+NPUFA_INLINE void recompute(const AttnProblem& p, int64_t b, int64_t n, int64_t i0, int64_t rows, int64_t j0,
+                            int64_t cols, TileClass cls, BwdScratch& sc, float* P, float* Pd, float* dS) {
+  const SeqSpan& sp = p.seqs[static_cast<size_t>(b)];
+  const int64_t dpq = padded(p.D), dvp = padded(p.Dv);
+  const bool dropout = p.dropout.kind != DropoutSpec::Kind::None;
+  const bool has_pse = p.pse.kind != PseSpec::Kind::None;
+  const float inv_keep = dropout ? static_cast<float>(1.0 / p.dropout.keep_prob) : 1.f;
+  constexpr int kV = kBk / vec::kW;
+  float* S = sc.s.data();
+  float* dP = sc.dp.data();
+  qk_tile(sc.q.data(), dpq, sc.kt.data(), S, rows, p.D);
+  qk_tile(sc.dy.data(), dvp, sc.vt.data(), dP, rows, p.Dv);
+  for (int64_t r = 0; r < rows; ++r) {
+    float* s = S + r * kBk;
+    const int64_t i = i0 + r;
+    for (int x = 0; x < kV; ++x) vec::store(s + x * vec::kW, vec::load(s + x * vec::kW) * p.scale);
+    if (cls == TileClass::Partial)
+      for (int64_t c = 0; c < cols; ++c)
+        if (p.mask.masked(b, n, i, j0 + c)) s[c] = -INFINITY;
+    if (has_pse)
+      for (int64_t c = 0; c < cols; ++c)
+        if (s[c] != -INFINITY) s[c] += p.pse.mul * pse_at<T>(p.pse, sp, b, n, i, j0 + c);
+    for (int64_t c = cols; c < kBk; ++c) s[c] = -INFINITY;
+    float* pr = P + r * kBk;
+    float* pd = Pd + r * kBk;
+    float* ds = dS + r * kBk;
+    const float* dpr = dP + r * kBk;
+    const float m = sc.m[static_cast<size_t>(r)], inv_l = 1.f / sc.l[static_cast<size_t>(r)];
+    const float delta = sc.delta[static_cast<size_t>(r)];
+    if (m <= -FLT_MAX) {  // fully masked row (or padding): no gradient flows
+      std::fill(pr, pr + kBk, 0.f);
+      std::fill(pd, pd + kBk, 0.f);
+      std::fill(ds, ds + kBk, 0.f);
+      continue;
+    }
+    for (int x = 0; x < kV; ++x)
+      vec::store(pr + x * vec::kW, vec::exp(vec::load(s + x * vec::kW) - m) * inv_l);
+    if (dropout) {
+      float* keep = sc.keep.data();
+      dropout_row(p, b, n, i, j0, cols, keep);
+      for (int64_t c = cols; c < kBk; ++c) keep[c] = 0.f;
+      for (int x = 0; x < kV; ++x) {
+        const vec::vf kv = vec::load(keep + x * vec::kW) * inv_keep;
+        const vec::vf pv = vec::load(pr + x * vec::kW);
+        vec::store(pd + x * vec::kW, pv * kv);
+        vec::store(ds + x * vec::kW, pv * (vec::load(dpr + x * vec::kW) * kv - delta));
+      }
+    } else {
+      for (int x = 0; x < kV; ++x) {
+        const vec::vf pv = vec::load(pr + x * vec::kW);
+        vec::store(pd + x * vec::kW, pv);
+        vec::store(ds + x * vec::kW, pv * (vec::load(dpr + x * vec::kW) - delta));
+      }
+    }
+  }
+}
+
+// Loads the saved statistics and Δ of rows [i0, i0+rows) of (b, n).
+inline void load_row_stats(const Shared& sh, int64_t b, int64_t n, int64_t i0, int64_t rows, BwdScratch& sc) {
+  const AttnProblem& p = *sh.p;
+  const SeqSpan& sp = p.seqs[static_cast<size_t>(b)];
+  const float* mx = static_cast<const float*>(p.smax.base);
+  const float* sm = static_cast<const float*>(p.ssum.base);
+  for (int64_t r = 0; r < kBq; ++r) {
+    if (r < rows) {
+      sc.m[static_cast<size_t>(r)] = mx[p.smax.at(b, n, sp.q_off + i0 + r, 0)];
+      sc.l[static_cast<size_t>(r)] = sm[p.ssum.at(b, n, sp.q_off + i0 + r, 0)];
+      sc.delta[static_cast<size_t>(r)] =
+          sh.delta[static_cast<size_t>(sh.delta_base[static_cast<size_t>(b)] + n * sp.q_len + i0 + r)];
+    } else {
+      sc.m[static_cast<size_t>(r)] = -FLT_MAX;
+      sc.l[static_cast<size_t>(r)] = 1.f;
+      sc.delta[static_cast<size_t>(r)] = 0.f;
+    }
+  }
+}
+
+// Pass 1: (batch b, KV head nk, keys [j0, j0 + kBk)) -> dK, dV over the GQA group and all queries.
+struct KvItem {
+  template <DType T>
+  NPUFA_INLINE static void run(const Shared* shp, int64_t b, int64_t nk, int64_t j0, BwdScratch* scp) {
+    const Shared& sh = *shp;
+    const AttnProblem& p = *sh.p;
+    const BwdIO& io = *sh.io;
+    BwdScratch& sc = *scp;
+    const SeqSpan& sp = p.seqs[static_cast<size_t>(b)];
+    const int64_t cols = std::min(kBk, sp.kv_len - j0);
+    const int64_t dpq = padded(p.D), dvp = padded(p.Dv);
+    float* dK = sc.acc_a.data();
+    float* dV = sc.acc_b.data();
+    std::fill(dK, dK + kBk * dpq, 0.f);
+    std::fill(dV, dV + kBk * dvp, 0.f);
+    load_cols_t<T>(p.k, b, nk, sp.kv_off + j0, cols, p.D, sc.kt.data());
+    load_cols_t<T>(p.v, b, nk, sp.kv_off + j0, cols, p.Dv, sc.vt.data());
+    int64_t ilo, ihi;
+    p.mask.col_rows(b, j0, j0 + cols, sp.q_len, &ilo, &ihi);
+    for (int64_t g = 0; g < p.G; ++g) {
+      const int64_t n = nk * p.G + g;
+      for (int64_t i0 = ilo / kBq * kBq; i0 < ihi; i0 += kBq) {
+        const int64_t rows = std::min(kBq, sp.q_len - i0);
+        const TileClass cls = p.mask.classify(b, i0, i0 + rows, j0, j0 + cols);
+        if (cls == TileClass::Empty) continue;
+        load_rows<T>(p.q, b, n, sp.q_off + i0, rows, p.D, dpq, sc.q.data());
+        load_rows<T>(io.dy, b, n, sp.q_off + i0, rows, p.Dv, dvp, sc.dy.data());
+        load_row_stats(sh, b, n, i0, rows, sc);
+        recompute<T>(p, b, n, i0, rows, j0, cols, cls, sc, sc.p.data(), sc.s.data(), sc.dp.data());
+        // dV += P'^T dY, dK += dS^T Q (scale applied on store).
+        transpose_tile(sc.s.data(), sc.t.data(), rows, cols);
+        pv_tile(sc.t.data(), sc.dy.data(), dV, cols, rows, dvp);
+        transpose_tile(sc.dp.data(), sc.t.data(), rows, cols);
+        pv_tile(sc.t.data(), sc.q.data(), dK, cols, rows, dpq);
+      }
+    }
+    store_rows<T>(io.dk, b, nk, sp.kv_off + j0, cols, p.D, dpq, dK, p.scale);
+    store_rows<T>(io.dv, b, nk, sp.kv_off + j0, cols, p.Dv, dvp, dV, 1.f);
+  }
+};
+
+// Pass 2: (batch b, query head n, rows [i0, i0 + kBq)) -> dQ, dpse, dsink.
+struct QItem {
+  template <DType T>
+  NPUFA_INLINE static void run(const Shared* shp, int64_t b, int64_t n, int64_t i0, BwdScratch* scp, int tid) {
+    const Shared& sh = *shp;
+    const AttnProblem& p = *sh.p;
+    const BwdIO& io = *sh.io;
+    BwdScratch& sc = *scp;
+    const SeqSpan& sp = p.seqs[static_cast<size_t>(b)];
+    const int64_t rows = std::min(kBq, sp.q_len - i0);
+    const int64_t nk = n / p.G, dpq = padded(p.D), dvp = padded(p.Dv);
+    float* dQ = sc.acc_a.data();
+    std::fill(dQ, dQ + kBq * dpq, 0.f);
+    load_rows<T>(p.q, b, n, sp.q_off + i0, rows, p.D, dpq, sc.q.data());
+    load_rows<T>(io.dy, b, n, sp.q_off + i0, rows, p.Dv, dvp, sc.dy.data());
+    load_row_stats(sh, b, n, i0, rows, sc);
+    float* dpse = io.dpse ? sh.dpse_parts[sh.dpse_shared ? 0 : static_cast<size_t>(tid)].data() : nullptr;
+    int64_t jlo = sp.kv_len, jhi = 0;
+    for (int64_t r : {int64_t{0}, rows - 1}) {
+      int64_t lo, hi;
+      p.mask.row_range(b, i0 + r, sp.kv_len, &lo, &hi);
+      jlo = std::min(jlo, lo);
+      jhi = std::max(jhi, hi);
+    }
+    for (int64_t j0 = jlo / kBk * kBk; j0 < jhi && sp.kv_len > 0; j0 += kBk) {
+      const int64_t cols = std::min(kBk, sp.kv_len - j0);
+      const TileClass cls = p.mask.classify(b, i0, i0 + rows, j0, j0 + cols);
+      if (cls == TileClass::Empty) continue;
+      load_cols_t<T>(p.k, b, nk, sp.kv_off + j0, cols, p.D, sc.kt.data());
+      load_cols_t<T>(p.v, b, nk, sp.kv_off + j0, cols, p.Dv, sc.vt.data());
+      load_rows<T>(p.k, b, nk, sp.kv_off + j0, cols, p.D, dpq, sc.kr.data());
+      recompute<T>(p, b, n, i0, rows, j0, cols, cls, sc, sc.p.data(), sc.s.data(), sc.dp.data());
+      pv_tile(sc.dp.data(), sc.kr.data(), dQ, rows, cols, dpq);
+      if (dpse) {
+        for (int64_t r = 0; r < rows; ++r)
+          for (int64_t c = 0; c < cols; ++c) {
+            const float g = sc.dp[static_cast<size_t>(r * kBk + c)];
+            if (g != 0.f) dpse[pse_index(p.pse, sp, b, n, i0 + r, j0 + c)] += p.pse.mul * g;
+          }
+      }
+    }
+    if (!p.sink.empty() && sp.kv_len > 0) {
+      const float sk = p.sink[static_cast<size_t>(n)];
+      for (int64_t r = 0; r < rows; ++r) {
+        const float m = sc.m[static_cast<size_t>(r)];
+        if (m <= -FLT_MAX) continue;
+        sc.dsink[static_cast<size_t>(n)] -=
+            static_cast<double>(std::exp(sk - m) / sc.l[static_cast<size_t>(r)]) * sc.delta[static_cast<size_t>(r)];
+      }
+    }
+    store_rows<T>(io.dq, b, n, sp.q_off + i0, rows, p.D, dpq, dQ, p.scale);
+  }
+};
+
+// Δ_i = dY_i · O_i in fp32 for every row of (b, n).
+struct DeltaItem {
+  template <DType T>
+  NPUFA_INLINE static void run(Shared* shp, int64_t b, int64_t n) {
+    Shared& sh = *shp;
+    const AttnProblem& p = *sh.p;
+    const BwdIO& io = *sh.io;
+    const SeqSpan& sp = p.seqs[static_cast<size_t>(b)];
+    const auto* dy = static_cast<const Elem<T>*>(io.dy.base);
+    const auto* o = static_cast<const Elem<T>*>(io.o.base);
+    float* out = sh.delta.data() + sh.delta_base[static_cast<size_t>(b)] + n * sp.q_len;
+    for (int64_t i = 0; i < sp.q_len; ++i) {
+      const int64_t a = io.dy.at(b, n, sp.q_off + i, 0), c = io.o.at(b, n, sp.q_off + i, 0);
+      float acc = 0.f;
+      for (int64_t d = 0; d < p.Dv; ++d) acc += to_f32<T>(dy[a + d * io.dy.sd]) * to_f32<T>(o[c + d * io.o.sd]);
+      out[i] = acc;
+    }
+  }
+};
+
+}  // namespace
+
+void flash_backward(const AttnProblem& p, const BwdIO& io) {
+  Shared sh;
+  sh.p = &p;
+  sh.io = &io;
+  int64_t total = 0;
+  for (const SeqSpan& s : p.seqs) {
+    sh.delta_base.push_back(total);
+    total += p.Nq * s.q_len;
+  }
+  sh.delta.assign(static_cast<size_t>(total), 0.f);
+  const int nthreads = get_num_threads();
+
+  const auto delta_fn = isa_entry<DeltaItem, Shared*, int64_t, int64_t>(p.dtype);
+  parallel_for(p.B * p.Nq, [&](int64_t it, int) { delta_fn(&sh, it / p.Nq, it % p.Nq); });
+
+  std::vector<BwdScratch> scratch(static_cast<size_t>(nthreads));
+  auto scratch_for = [&](int tid) -> BwdScratch& {
+    BwdScratch& sc = scratch[static_cast<size_t>(tid)];
+    if (sc.q.empty()) sc.reserve(p.D, p.Dv, p.Nq);
+    return sc;
+  };
+
+  // Pass 1 items: (b, nk, key tile).
+  std::vector<int64_t> kv_start(static_cast<size_t>(p.B) + 1, 0);
+  for (int64_t b = 0; b < p.B; ++b)
+    kv_start[static_cast<size_t>(b) + 1] =
+        kv_start[static_cast<size_t>(b)] + (p.seqs[static_cast<size_t>(b)].kv_len + kBk - 1) / kBk * p.Nkv;
+  const auto kv_fn = isa_entry<KvItem, const Shared*, int64_t, int64_t, int64_t, BwdScratch*>(p.dtype);
+  parallel_for(kv_start.back(), [&](int64_t it, int tid) {
+    const int64_t b = std::upper_bound(kv_start.begin(), kv_start.end(), it) - kv_start.begin() - 1;
+    const int64_t tiles = (p.seqs[static_cast<size_t>(b)].kv_len + kBk - 1) / kBk;
+    const int64_t local = it - kv_start[static_cast<size_t>(b)];
+    kv_fn(&sh, b, local / tiles, (local % tiles) * kBk, &scratch_for(tid));
+  });
+
+  // Pass 2 items: (b, n, query tile). A dense pse with its own batch and row axes gets each element
+  // from exactly one row: one shared accumulator; broadcast/compressed forms sum per thread.
+  if (io.dpse) {
+    const PseSpec& ps = p.pse;
+    sh.dpse_shared = (ps.kind == PseSpec::Kind::Dense && (ps.sb != 0 || p.B == 1) && ps.si != 0) ||
+                     (ps.kind == PseSpec::Kind::Flat && ps.si != 0);
+    sh.dpse_parts.assign(sh.dpse_shared ? 1 : static_cast<size_t>(nthreads),
+                         std::vector<float>(static_cast<size_t>(io.dpse_numel), 0.f));
+  }
+  std::vector<int64_t> q_start(static_cast<size_t>(p.B) + 1, 0);
+  for (int64_t b = 0; b < p.B; ++b)
+    q_start[static_cast<size_t>(b) + 1] =
+        q_start[static_cast<size_t>(b)] + (p.seqs[static_cast<size_t>(b)].q_len + kBq - 1) / kBq * p.Nq;
+  const auto q_fn = isa_entry<QItem, const Shared*, int64_t, int64_t, int64_t, BwdScratch*, int>(p.dtype);
+  parallel_for(q_start.back(), [&](int64_t it, int tid) {
+    const int64_t b = std::upper_bound(q_start.begin(), q_start.end(), it) - q_start.begin() - 1;
+    const int64_t tiles = (p.seqs[static_cast<size_t>(b)].q_len + kBq - 1) / kBq;
+    const int64_t local = it - q_start[static_cast<size_t>(b)];
+    q_fn(&sh, b, local / tiles, (local % tiles) * kBq, &scratch_for(tid), tid);
+  });
+
+  if (io.dpse) {
+    std::fill(io.dpse, io.dpse + io.dpse_numel, 0.f);
+    for (const auto& part : sh.dpse_parts)
+      for (int64_t e = 0; e < io.dpse_numel; ++e) io.dpse[e] += part[static_cast<size_t>(e)];
+  }
+  if (io.dsink) {
+    for (int64_t n = 0; n < p.Nq; ++n) {
+      double acc = 0.0;
+      for (const BwdScratch& sc : scratch)
+        if (!sc.dsink.empty()) acc += sc.dsink[static_cast<size_t>(n)];
+      io.dsink[n] = static_cast<float>(acc);
+    }
+  }
+}
+
+}  // namespace npufa
