@@ -53,53 +53,6 @@ struct Shared {
   bool dpse_shared = false;
 };
 
-template <DType T>
-using Elem = typename Storage<T>::type;
-
-// Loads rows [i0, i0+rows) of head n of an Acc4 tensor into dst [kBq][ld] (zero-padded to kRb rows
-// and ld columns).
-template <DType T>
-NPUFA_INLINE void load_rows(const Acc4& a, int64_t b, int64_t n, int64_t off, int64_t rows, int64_t width,
-                            int64_t ld, float* dst) {
-  const auto* base = static_cast<const Elem<T>*>(a.base);
-  const int64_t rows_p = (rows + kRb - 1) / kRb * kRb;
-  for (int64_t r = 0; r < rows_p; ++r) {
-    float* d = dst + r * ld;
-    if (r < rows) {
-      const int64_t o = a.at(b, n, off + r, 0);
-      for (int64_t x = 0; x < width; ++x) d[x] = to_f32<T>(base[o + x * a.sd]);
-      std::fill(d + width, d + ld, 0.f);
-    } else {
-      std::fill(d, d + ld, 0.f);
-    }
-  }
-}
-
-// Loads key rows [j0, j0+cols) transposed into dst [width][kBk] (zero-padded columns).
-template <DType T>
-NPUFA_INLINE void load_cols_t(const Acc4& a, int64_t b, int64_t n, int64_t off, int64_t cols, int64_t width,
-                              float* dst) {
-  const auto* base = static_cast<const Elem<T>*>(a.base);
-  for (int64_t c = 0; c < kBk; ++c) {
-    if (c < cols) {
-      const int64_t o = a.at(b, n, off + c, 0);
-      for (int64_t x = 0; x < width; ++x) dst[x * kBk + c] = to_f32<T>(base[o + x * a.sd]);
-    } else {
-      for (int64_t x = 0; x < width; ++x) dst[x * kBk + c] = 0.f;
-    }
-  }
-}
-
-template <DType T>
-NPUFA_INLINE void store_rows(const Acc4& a, int64_t b, int64_t n, int64_t off, int64_t rows, int64_t width,
-                             int64_t ld, const float* src, float mul) {
-  auto* base = static_cast<Elem<T>*>(a.base);
-  for (int64_t r = 0; r < rows; ++r) {
-    const int64_t o = a.at(b, n, off + r, 0);
-    for (int64_t x = 0; x < width; ++x) base[o + x * a.sd] = from_f32<T>(src[r * ld + x] * mul);
-  }
-}
-
 // For one (query tile, key tile) pair: S -> P (normalised with the saved stats), P' (dropout
 // applied) and dS, all [rows][kBk], zero outside the kept set. Needs sc.q, sc.kt, sc.dy, sc.vt,
 // sc.m, sc.l, sc.delta loaded.
@@ -107,14 +60,14 @@ template <DType T>
 NPUFA_INLINE void recompute(const AttnProblem& p, int64_t b, int64_t n, int64_t i0, int64_t rows, int64_t j0,
                             int64_t cols, TileClass cls, BwdScratch& sc, float* P, float* Pd, float* dS) {
   const SeqSpan& sp = p.seqs[static_cast<size_t>(b)];
-  const int64_t dpq = padded(p.D), dvp = padded(p.Dv);
+  const int64_t dpq = padded(p.D + p.Dr), dvp = padded(p.Dv);
   const bool dropout = p.dropout.kind != DropoutSpec::Kind::None;
   const bool has_pse = p.pse.kind != PseSpec::Kind::None;
   const float inv_keep = dropout ? static_cast<float>(1.0 / p.dropout.keep_prob) : 1.f;
   constexpr int kV = kBk / vec::kW;
   float* S = sc.s.data();
   float* dP = sc.dp.data();
-  qk_tile(sc.q.data(), dpq, sc.kt.data(), S, rows, p.D);
+  qk_tile(sc.q.data(), dpq, sc.kt.data(), S, rows, p.D + p.Dr);
   qk_tile(sc.dy.data(), dvp, sc.vt.data(), dP, rows, p.Dv);
   for (int64_t r = 0; r < rows; ++r) {
     float* s = S + r * kBk;
@@ -191,13 +144,13 @@ struct KvItem {
     BwdScratch& sc = *scp;
     const SeqSpan& sp = p.seqs[static_cast<size_t>(b)];
     const int64_t cols = std::min(kBk, sp.kv_len - j0);
-    const int64_t dpq = padded(p.D), dvp = padded(p.Dv);
+    const int64_t dpq = padded(p.D + p.Dr), dvp = padded(p.Dv);
     float* dK = sc.acc_a.data();
     float* dV = sc.acc_b.data();
     std::fill(dK, dK + kBk * dpq, 0.f);
     std::fill(dV, dV + kBk * dvp, 0.f);
-    load_cols_t<T>(p.k, b, nk, sp.kv_off + j0, cols, p.D, sc.kt.data());
-    load_cols_t<T>(p.v, b, nk, sp.kv_off + j0, cols, p.Dv, sc.vt.data());
+    load_cols_t<T>(p.k, p.D, p.kr, p.Dr, b, nk, sp.kv_off + j0, cols, sc.kt.data());
+    load_cols_t<T>(p.v, p.Dv, Acc4{}, 0, b, nk, sp.kv_off + j0, cols, sc.vt.data());
     int64_t ilo, ihi;
     p.mask.col_rows(b, j0, j0 + cols, sp.q_len, &ilo, &ihi);
     for (int64_t g = 0; g < p.G; ++g) {
@@ -206,8 +159,8 @@ struct KvItem {
         const int64_t rows = std::min(kBq, sp.q_len - i0);
         const TileClass cls = p.mask.classify(b, i0, i0 + rows, j0, j0 + cols);
         if (cls == TileClass::Empty) continue;
-        load_rows<T>(p.q, b, n, sp.q_off + i0, rows, p.D, dpq, sc.q.data());
-        load_rows<T>(io.dy, b, n, sp.q_off + i0, rows, p.Dv, dvp, sc.dy.data());
+        load_rows<T>(p.q, p.D, p.qr, p.Dr, b, n, sp.q_off + i0, rows, dpq, sc.q.data());
+        load_rows<T>(io.dy, p.Dv, Acc4{}, 0, b, n, sp.q_off + i0, rows, dvp, sc.dy.data());
         load_row_stats(sh, b, n, i0, rows, sc);
         recompute<T>(p, b, n, i0, rows, j0, cols, cls, sc, sc.p.data(), sc.s.data(), sc.dp.data());
         // dV += P'^T dY, dK += dS^T Q (scale applied on store).
@@ -217,8 +170,9 @@ struct KvItem {
         pv_tile(sc.t.data(), sc.q.data(), dK, cols, rows, dpq);
       }
     }
-    store_rows<T>(io.dk, b, nk, sp.kv_off + j0, cols, p.D, dpq, dK, p.scale);
-    store_rows<T>(io.dv, b, nk, sp.kv_off + j0, cols, p.Dv, dvp, dV, 1.f);
+    store_rows<T>(io.dk, b, nk, sp.kv_off + j0, cols, p.D, dK, dpq, 0, p.scale);
+    if (p.Dr > 0) store_rows<T>(io.dk_rope, b, nk, sp.kv_off + j0, cols, p.Dr, dK, dpq, p.D, p.scale);
+    store_rows<T>(io.dv, b, nk, sp.kv_off + j0, cols, p.Dv, dV, dvp, 0, 1.f);
   }
 };
 
@@ -232,11 +186,11 @@ struct QItem {
     BwdScratch& sc = *scp;
     const SeqSpan& sp = p.seqs[static_cast<size_t>(b)];
     const int64_t rows = std::min(kBq, sp.q_len - i0);
-    const int64_t nk = n / p.G, dpq = padded(p.D), dvp = padded(p.Dv);
+    const int64_t nk = n / p.G, dpq = padded(p.D + p.Dr), dvp = padded(p.Dv);
     float* dQ = sc.acc_a.data();
     std::fill(dQ, dQ + kBq * dpq, 0.f);
-    load_rows<T>(p.q, b, n, sp.q_off + i0, rows, p.D, dpq, sc.q.data());
-    load_rows<T>(io.dy, b, n, sp.q_off + i0, rows, p.Dv, dvp, sc.dy.data());
+    load_rows<T>(p.q, p.D, p.qr, p.Dr, b, n, sp.q_off + i0, rows, dpq, sc.q.data());
+    load_rows<T>(io.dy, p.Dv, Acc4{}, 0, b, n, sp.q_off + i0, rows, dvp, sc.dy.data());
     load_row_stats(sh, b, n, i0, rows, sc);
     float* dpse = io.dpse ? sh.dpse_parts[sh.dpse_shared ? 0 : static_cast<size_t>(tid)].data() : nullptr;
     int64_t jlo = sp.kv_len, jhi = 0;
@@ -250,9 +204,9 @@ struct QItem {
       const int64_t cols = std::min(kBk, sp.kv_len - j0);
       const TileClass cls = p.mask.classify(b, i0, i0 + rows, j0, j0 + cols);
       if (cls == TileClass::Empty) continue;
-      load_cols_t<T>(p.k, b, nk, sp.kv_off + j0, cols, p.D, sc.kt.data());
-      load_cols_t<T>(p.v, b, nk, sp.kv_off + j0, cols, p.Dv, sc.vt.data());
-      load_rows<T>(p.k, b, nk, sp.kv_off + j0, cols, p.D, dpq, sc.kr.data());
+      load_cols_t<T>(p.k, p.D, p.kr, p.Dr, b, nk, sp.kv_off + j0, cols, sc.kt.data());
+      load_cols_t<T>(p.v, p.Dv, Acc4{}, 0, b, nk, sp.kv_off + j0, cols, sc.vt.data());
+      load_rows<T>(p.k, p.D, p.kr, p.Dr, b, nk, sp.kv_off + j0, cols, dpq, sc.kr.data());
       recompute<T>(p, b, n, i0, rows, j0, cols, cls, sc, sc.p.data(), sc.s.data(), sc.dp.data());
       pv_tile(sc.dp.data(), sc.kr.data(), dQ, rows, cols, dpq);
       if (dpse) {
@@ -272,7 +226,8 @@ struct QItem {
             static_cast<double>(std::exp(sk - m) / sc.l[static_cast<size_t>(r)]) * sc.delta[static_cast<size_t>(r)];
       }
     }
-    store_rows<T>(io.dq, b, n, sp.q_off + i0, rows, p.D, dpq, dQ, p.scale);
+    store_rows<T>(io.dq, b, n, sp.q_off + i0, rows, p.D, dQ, dpq, 0, p.scale);
+    if (p.Dr > 0) store_rows<T>(io.dq_rope, b, n, sp.q_off + i0, rows, p.Dr, dQ, dpq, p.D, p.scale);
   }
 };
 
@@ -284,8 +239,8 @@ struct DeltaItem {
     const AttnProblem& p = *sh.p;
     const BwdIO& io = *sh.io;
     const SeqSpan& sp = p.seqs[static_cast<size_t>(b)];
-    const auto* dy = static_cast<const Elem<T>*>(io.dy.base);
-    const auto* o = static_cast<const Elem<T>*>(io.o.base);
+    const auto* dy = static_cast<const St<T>*>(io.dy.base);
+    const auto* o = static_cast<const St<T>*>(io.o.base);
     float* out = sh.delta.data() + sh.delta_base[static_cast<size_t>(b)] + n * sp.q_len;
     for (int64_t i = 0; i < sp.q_len; ++i) {
       const int64_t a = io.dy.at(b, n, sp.q_off + i, 0), c = io.o.at(b, n, sp.q_off + i, 0);
@@ -316,7 +271,7 @@ void flash_backward(const AttnProblem& p, const BwdIO& io) {
   std::vector<BwdScratch> scratch(static_cast<size_t>(nthreads));
   auto scratch_for = [&](int tid) -> BwdScratch& {
     BwdScratch& sc = scratch[static_cast<size_t>(tid)];
-    if (sc.q.empty()) sc.reserve(p.D, p.Dv, p.Nq);
+    if (sc.q.empty()) sc.reserve(p.D + p.Dr, p.Dv, p.Nq);
     return sc;
   };
 

@@ -8,6 +8,7 @@ namespace npufa {
 struct BwdIO {
   Acc4 dy, o;         // dY and the forward output (attention_in), problem dtype, out layout
   Acc4 dq, dk, dv;    // gradients, problem dtype, q/k/v layouts
+  Acc4 dq_rope, dk_rope;  // when the problem has rope (Dr > 0)
   float* dpse = nullptr;     // fp32, indexed like the pse tensor (element offsets of PseSpec); or null
   int64_t dpse_numel = 0;    // elements of that index space
   float* dsink = nullptr;    // fp32 [Nq] or null

@@ -45,11 +45,8 @@ struct FwdItem {
     const AttnProblem& p = *pp;
     Scratch& sc = *scp;
     const SeqSpan& sp = p.seqs[static_cast<size_t>(b)];
-    const int64_t D = p.D, Dv = p.Dv, nk = n / p.G;
+    const int64_t Dqk = p.D + p.Dr, Dv = p.Dv, nk = n / p.G;
     const int64_t rows = std::min(kBq, sp.q_len - i0);
-    const auto* qb = static_cast<const St<T>*>(p.q.base);
-    const auto* kb = static_cast<const St<T>*>(p.k.base);
-    const auto* vb = static_cast<const St<T>*>(p.v.base);
     auto* ob = static_cast<St<T>*>(p.out.base);
 
     if (sp.kv_len == 0) {  // empty KV: out 0, max = sum = 0 (spec §1.8)
@@ -69,12 +66,7 @@ struct FwdItem {
     float* M = sc.m.data();
     float* L = sc.l.data();
     const int64_t dvp = padded(Dv);
-    const int64_t rows_p = (rows + kRb - 1) / kRb * kRb;
-    for (int64_t r = 0; r < rows; ++r) {
-      const int64_t base = p.q.at(b, n, sp.q_off + i0 + r, 0);
-      for (int64_t d = 0; d < D; ++d) Q[r * D + d] = to_f32<T>(qb[base + d * p.q.sd]);
-    }
-    std::fill(Q + rows * D, Q + rows_p * D, 0.f);
+    load_rows<T>(p.q, p.D, p.qr, p.Dr, b, n, sp.q_off + i0, rows, Dqk, Q);
     std::fill(O, O + rows * dvp, 0.f);
     std::fill(M, M + rows, -INFINITY);
     std::fill(L, L + rows, 0.f);
@@ -97,23 +89,11 @@ struct FwdItem {
       const TileClass cls = p.mask.classify(b, i0, i0 + rows, j0, j0 + cols);
       if (cls == TileClass::Empty) continue;
 
-      // K tile transposed to [D][kBk] (zero-padded), V tile to [cols][dvp], both fp32.
-      for (int64_t c = 0; c < kBk; ++c) {
-        if (c < cols) {
-          const int64_t base = p.k.at(b, nk, sp.kv_off + j0 + c, 0);
-          for (int64_t d = 0; d < D; ++d) Kt[d * kBk + c] = to_f32<T>(kb[base + d * p.k.sd]);
-        } else {
-          for (int64_t d = 0; d < D; ++d) Kt[d * kBk + c] = 0.f;
-        }
-      }
-      for (int64_t c = 0; c < cols; ++c) {
-        const int64_t base = p.v.at(b, nk, sp.kv_off + j0 + c, 0);
-        float* vr = V + c * dvp;
-        for (int64_t d = 0; d < Dv; ++d) vr[d] = to_f32<T>(vb[base + d * p.v.sd]);
-        std::fill(vr + Dv, vr + dvp, 0.f);
-      }
+      // K tile transposed to [Dqk][kBk] (zero-padded), V tile to [cols][dvp], both fp32.
+      load_cols_t<T>(p.k, p.D, p.kr, p.Dr, b, nk, sp.kv_off + j0, cols, Kt);
+      load_rows<T>(p.v, Dv, Acc4{}, 0, b, nk, sp.kv_off + j0, cols, dvp, V);
 
-      qk_tile(Q, D, Kt, S, rows, D);
+      qk_tile(Q, Dqk, Kt, S, rows, Dqk);
 
       // Scores -> unnormalised probabilities in place, online max/sum per row.
       for (int64_t r = 0; r < rows; ++r) {
@@ -196,7 +176,7 @@ void flash_forward(const AttnProblem& p) {
     const int64_t tiles = (p.seqs[static_cast<size_t>(b)].q_len + kBq - 1) / kBq;
     const int64_t local = it - tile_start[static_cast<size_t>(b)];
     Scratch& sc = scratch[static_cast<size_t>(tid)];
-    if (sc.q.empty()) sc.reserve(p.D, p.Dv);
+    if (sc.q.empty()) sc.reserve(p.D + p.Dr, p.Dv);
     item_fn(&p, b, local / tiles, (local % tiles) * kBq, &sc);
   });
 }

@@ -1,6 +1,7 @@
 // Pieces shared by the flash kernels: tile sizes, register-blocked micro-kernels, dropout bits,
 // and the one ISA dispatch point.
 #pragma once
+#include <algorithm>
 #include <array>
 #include <cstdint>
 
@@ -94,6 +95,61 @@ inline void dropout_row(const AttnProblem& p, int64_t b, int64_t n, int64_t i, i
                         {static_cast<uint32_t>(dr.seed), static_cast<uint32_t>(dr.seed >> 32)});
     }
     keep[c] = w[e & 3] < thr ? 1.f : 0.f;
+  }
+}
+
+// Rows [off, off + rows) of head n into dst [.][ld]: columns [0, w) from a, then [w, w + wr) from
+// ar (the rope part of q/k, when wr > 0); zero-padded to whole kRb row blocks and to ld columns.
+template <DType T>
+NPUFA_INLINE void load_rows(const Acc4& a, int64_t w, const Acc4& ar, int64_t wr, int64_t b, int64_t n, int64_t off,
+                            int64_t rows, int64_t ld, float* dst) {
+  const auto* base = static_cast<const St<T>*>(a.base);
+  const auto* rbase = static_cast<const St<T>*>(ar.base);
+  const int64_t rows_p = (rows + kRb - 1) / kRb * kRb;
+  for (int64_t r = 0; r < rows_p; ++r) {
+    float* d = dst + r * ld;
+    if (r >= rows) {
+      std::fill(d, d + ld, 0.f);
+      continue;
+    }
+    const int64_t o = a.at(b, n, off + r, 0);
+    for (int64_t x = 0; x < w; ++x) d[x] = to_f32<T>(base[o + x * a.sd]);
+    if (wr > 0) {
+      const int64_t orr = ar.at(b, n, off + r, 0);
+      for (int64_t x = 0; x < wr; ++x) d[w + x] = to_f32<T>(rbase[orr + x * ar.sd]);
+    }
+    std::fill(d + w + wr, d + ld, 0.f);
+  }
+}
+
+// Key rows [off, off + cols) of head n transposed into dst [w + wr][kBk] (zero-padded columns).
+template <DType T>
+NPUFA_INLINE void load_cols_t(const Acc4& a, int64_t w, const Acc4& ar, int64_t wr, int64_t b, int64_t n,
+                              int64_t off, int64_t cols, float* dst) {
+  const auto* base = static_cast<const St<T>*>(a.base);
+  const auto* rbase = static_cast<const St<T>*>(ar.base);
+  for (int64_t c = 0; c < kBk; ++c) {
+    if (c >= cols) {
+      for (int64_t x = 0; x < w + wr; ++x) dst[x * kBk + c] = 0.f;
+      continue;
+    }
+    const int64_t o = a.at(b, n, off + c, 0);
+    for (int64_t x = 0; x < w; ++x) dst[x * kBk + c] = to_f32<T>(base[o + x * a.sd]);
+    if (wr > 0) {
+      const int64_t orr = ar.at(b, n, off + c, 0);
+      for (int64_t x = 0; x < wr; ++x) dst[(w + x) * kBk + c] = to_f32<T>(rbase[orr + x * ar.sd]);
+    }
+  }
+}
+
+// Rows [off, off + rows) of head n from src [.][ld] columns [c0, c0 + w), times mul, into a.
+template <DType T>
+NPUFA_INLINE void store_rows(const Acc4& a, int64_t b, int64_t n, int64_t off, int64_t rows, int64_t w,
+                             const float* src, int64_t ld, int64_t c0, float mul) {
+  auto* base = static_cast<St<T>*>(a.base);
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t o = a.at(b, n, off + r, 0);
+    for (int64_t x = 0; x < w; ++x) base[o + x * a.sd] = from_f32<T>(src[r * ld + c0 + x] * mul);
   }
 }
 

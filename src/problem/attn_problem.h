@@ -45,8 +45,10 @@ struct DropoutSpec {
 struct AttnProblem {
   DType dtype = DType::F32;  // of q, k, v and out
   int64_t B = 0, Nq = 0, Nkv = 0, G = 1, D = 0, Dv = 0;
+  int64_t Dr = 0;    // rope head dim (MLA): q·k = q·k + q_rope·k_rope; 0 without rope
   std::vector<SeqSpan> seqs;  // per batch
   Acc4 q, k, v, out;
+  Acc4 qr, kr;  // query_rope / key_rope when Dr > 0
   // Softmax stats: 8 consecutive fp32 copies at stat.at(b, n, off + s, 0).
   Acc4 smax, ssum;
   float scale = 1.0f;
