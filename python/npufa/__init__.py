@@ -6,13 +6,18 @@ in the ``npufa`` namespace (``torch.ops.npufa.*``).
 import torch  # noqa: F401  (custom ops register against torch)
 
 from . import reference
-from ._fusion_attention import npu_fusion_attention, npu_fusion_attention_grad
+from ._fusion_attention import (npu_fusion_attention, npu_fusion_attention_grad, npu_fusion_attention_grad_v2,
+                                npu_fusion_attention_grad_v3, npu_fusion_attention_v2, npu_fusion_attention_v3)
 from ._runtime import get_num_threads, set_num_threads
 from .dropout import _npu_dropout_gen_mask, dropout_gen_mask, dropout_mask_bytes
 
 __all__ = [
     "npu_fusion_attention",
     "npu_fusion_attention_grad",
+    "npu_fusion_attention_v2",
+    "npu_fusion_attention_grad_v2",
+    "npu_fusion_attention_v3",
+    "npu_fusion_attention_grad_v3",
     "_npu_dropout_gen_mask",
     "dropout_gen_mask",
     "dropout_mask_bytes",

@@ -364,3 +364,68 @@ def _tnd(q, k, v, head_num, pse, atten_mask, scale, keep_prob, pre, nxt, prefix,
         smax8 = smax8.reshape(tq, nq, 8)
         ssum8 = ssum8.reshape(tq, nq, 8)
     return out, smax8, ssum8, torch.empty(0, dtype=_F64), seed, offset, numels
+
+
+# ---------------------------------------------------------------------------------------------------
+# npu_fusion_attention_v2 (§3), reduced to the v1 reference above:
+#   rope: q·k + q_rope·k_rope == [q, q_rope]·[k, k_rope] (per head, concatenated along D);
+#   pse_type 0 (qk·scale + pse) == v1 with pse/scale; pse_type 2/3: the generated alibi
+#   −slope·f(|j − i + kv_start − q_start|) as an explicit pse of pse_type 0.
+# ---------------------------------------------------------------------------------------------------
+def _cat_rope(x, xr, layout, heads):
+    """Concatenates the rope part per head along the head dim, in any layout."""
+    if layout in ("BSH", "SBH"):
+        a, b, _ = x.shape
+        return torch.cat([x.reshape(a, b, heads, -1), xr.reshape(a, b, heads, -1)], -1).reshape(a, b, -1)
+    return torch.cat([x, xr], -1)
+
+
+def npu_fusion_attention_v2(query, key, value, head_num, input_layout, *, pse=None, padding_mask=None,
+                            atten_mask=None, query_rope=None, key_rope=None, scale=1., keep_prob=1.,
+                            pre_tokens=2147483647, next_tokens=2147483647, inner_precise=0, prefix=None,
+                            actual_seq_qlen=None, actual_seq_kvlen=None, sparse_mode=0, gen_mask_parallel=True,
+                            sync=False, pse_type=1, q_start_idx=None, kv_start_idx=None, softmax_layout="",
+                            sink=None, dropout_mask=None, seed=0, offset=0):
+    layout = input_layout.upper()
+    q, k = query.to(_F64), key.to(_F64)
+    if query_rope is not None:
+        nq = head_num
+        nkv = (key.shape[-1] // (query.shape[-1] // nq)) if layout in ("BSH", "SBH") else None
+        q = _cat_rope(q, query_rope.to(_F64), layout, nq)
+        k = _cat_rope(k, key_rope.to(_F64), layout, nkv)
+    if pse is not None and pse_type in (2, 3):
+        qs = int(q_start_idx[0]) if q_start_idx else 0
+        ks = int(kv_start_idx[0]) if kv_start_idx else 0
+        slopes = pse.to(_F64)
+        if layout == "TND":
+            cq, ck = list(actual_seq_qlen), list(actual_seq_kvlen)
+            blocks, pq, pk = [], 0, 0
+            for b in range(len(cq)):
+                sq, skv = max(cq[b] - pq, 0), max(ck[b] - pk, 0)
+                pq, pk = cq[b], ck[b]
+                shift = ks - qs if not (atten_mask is not None and sparse_mode == 8 and b > 0) else 0
+                i = torch.arange(sq, dtype=_F64)[:, None]
+                j = torch.arange(skv, dtype=_F64)[None, :]
+                dist = (j - i + shift).abs()
+                dist = dist.sqrt() if pse_type == 3 else dist
+                sl = slopes[b] if slopes.dim() == 2 else slopes
+                blocks.append((-sl[:, None, None] * dist[None]).reshape(-1))
+            pse, pse_type = torch.cat(blocks), 0
+        else:
+            _, stat = None, None
+            sq = query.shape[{"BSH": 1, "SBH": 0, "BSND": 1, "BNSD": 2}[layout]]
+            skv = key.shape[{"BSH": 1, "SBH": 0, "BSND": 1, "BNSD": 2}[layout]]
+            i = torch.arange(sq, dtype=_F64)[:, None]
+            j = torch.arange(skv, dtype=_F64)[None, :]
+            dist = (j - i + ks - qs).abs()
+            dist = dist.sqrt() if pse_type == 3 else dist
+            sl = slopes if slopes.dim() == 2 else slopes[None]
+            pse, pse_type = -sl[:, :, None, None] * dist[None, None], 0
+    if pse is not None and pse_type == 0:
+        pse = pse.to(_F64) / scale  # v1 adds pse before scale
+    return npu_fusion_attention(q, k, value, head_num, input_layout, pse=pse, padding_mask=padding_mask,
+                                atten_mask=atten_mask, scale=scale, keep_prob=keep_prob, pre_tockens=pre_tokens,
+                                next_tockens=next_tokens, inner_precise=inner_precise, prefix=prefix,
+                                actual_seq_qlen=actual_seq_qlen, actual_seq_kvlen=actual_seq_kvlen,
+                                sparse_mode=sparse_mode, softmax_layout=softmax_layout, sink=sink,
+                                dropout_mask=dropout_mask, seed=seed, offset=offset)

@@ -53,9 +53,10 @@ T item(const nb::tuple& t, size_t i) {
 // The forward's arguments, in torch_npu order without gen_mask_parallel/sync: query, key, value,
 // head_num, input_layout, pse, padding_mask, atten_mask, scale, keep_prob, pre_tockens,
 // next_tockens, inner_precise, prefix, actual_seq_qlen, actual_seq_kvlen, sparse_mode,
-// softmax_layout, sink, dropout_mask, seed, offset.
-npufa::FusionAttentionParams fwd_params(const nb::tuple& a) {
-  if (a.size() != 22) throw npufa::ValueError("npufa._C: expected 22 forward arguments, got " + std::to_string(a.size()));
+// softmax_layout, sink, dropout_mask, seed, offset, then v2's pse_type, q_start_idx, kv_start_idx,
+// query_rope, key_rope, and the op name for messages (kept alive in `op`).
+npufa::FusionAttentionParams fwd_params(const nb::tuple& a, std::string& op) {
+  if (a.size() != 28) throw npufa::ValueError("npufa._C: expected 28 forward arguments, got " + std::to_string(a.size()));
   npufa::FusionAttentionParams p;
   p.query = view(item<Array>(a, 0));
   p.key = view(item<Array>(a, 1));
@@ -79,6 +80,13 @@ npufa::FusionAttentionParams fwd_params(const nb::tuple& a) {
   p.dropout_mask = view(item<OptArray>(a, 19));
   p.seed = item<int64_t>(a, 20);
   p.offset = item<int64_t>(a, 21);
+  p.pse_type = item<int64_t>(a, 22);
+  p.q_start_idx = item<OptList>(a, 23);
+  p.kv_start_idx = item<OptList>(a, 24);
+  p.query_rope = view(item<OptArray>(a, 25));
+  p.key_rope = view(item<OptArray>(a, 26));
+  op = item<std::string>(a, 27);
+  p.op = op.c_str();
   return p;
 }
 
@@ -117,7 +125,8 @@ NB_MODULE(_C, m) {
   m.def(
       "fusion_attention_fwd",
       [](const nb::tuple& args, OptArray out, OptArray smax, OptArray ssum) -> nb::object {
-        npufa::FusionAttentionParams p = fwd_params(args);
+        std::string op;
+        npufa::FusionAttentionParams p = fwd_params(args, op);
         if (!out || !smax || !ssum) {  // validation only: the output shapes
           const auto s = npufa::fusion_attention_output_shapes(p);
           return nb::cast(std::make_tuple(s.attention_out, s.softmax_max, s.softmax_sum));
@@ -135,14 +144,16 @@ NB_MODULE(_C, m) {
       nb::arg("args"), nb::arg("attention_out").none() = nb::none(), nb::arg("softmax_max").none() = nb::none(),
       nb::arg("softmax_sum").none() = nb::none(),
       "npu_fusion_attention into the given outputs; with no outputs, validates and returns their shapes. "
-      "args: the torch_npu arguments in order (query ... offset, without gen_mask_parallel/sync).");
+      "args: see fwd_params.");
 
   m.def(
       "fusion_attention_grad",
       [](const nb::tuple& args, const Array& dy, OptArray softmax_max, OptArray softmax_sum, OptArray attention_in,
-         int64_t numels, const Array& dq, const Array& dk, const Array& dv, OptArray dpse, OptArray dsink) {
+         int64_t numels, const Array& dq, const Array& dk, const Array& dv, OptArray dpse, OptArray dsink,
+         OptArray dq_rope, OptArray dk_rope) {
         npufa::FusionAttentionGradParams g;
-        g.fwd = fwd_params(args);
+        std::string op;
+        g.fwd = fwd_params(args, op);
         g.dy = view(dy);
         g.softmax_max = view(softmax_max);
         g.softmax_sum = view(softmax_sum);
@@ -153,10 +164,13 @@ NB_MODULE(_C, m) {
         g.dv = view(dv);
         g.dpse = view(dpse);
         g.dsink = view(dsink);
+        g.dq_rope = view(dq_rope);
+        g.dk_rope = view(dk_rope);
         nb::gil_scoped_release release;
         npufa::fusion_attention_grad(g);
       },
       nb::arg("args"), nb::arg("dy"), nb::arg("softmax_max").none(), nb::arg("softmax_sum").none(),
       nb::arg("attention_in").none(), nb::arg("numels"), nb::arg("dq"), nb::arg("dk"), nb::arg("dv"),
-      nb::arg("dpse").none(), nb::arg("dsink").none());
+      nb::arg("dpse").none(), nb::arg("dsink").none(), nb::arg("dq_rope").none() = nb::none(),
+      nb::arg("dk_rope").none() = nb::none());
 }

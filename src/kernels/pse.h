@@ -1,5 +1,7 @@
 // Reading the position bias of (b, n, i, j) for every PseSpec kind (spec §2.5).
 #pragma once
+#include <cmath>
+
 #include "core/convert.h"
 #include "problem/attn_problem.h"
 
@@ -30,6 +32,8 @@ inline int64_t pse_index(const PseSpec& ps, const SeqSpan& sp, int64_t b, int64_
       const int64_t base = b * ps.sb + n * ps.sn;
       return d >= R ? base + (d - R) * ps.si : base + (R - d) * ps.sj;
     }
+    case PseSpec::Kind::Slopes:
+      return b * ps.sb + n * ps.sn;
     case PseSpec::Kind::Flat: {
       // Per-batch blocks [Nq, Sq_b, Skv_b] (si != 0) or [Nq, Skv_b] (si == 0), packed.
       const int64_t rows = ps.si ? sp.q_len : 1;
@@ -41,7 +45,14 @@ inline int64_t pse_index(const PseSpec& ps, const SeqSpan& sp, int64_t b, int64_
 
 template <DType T>
 inline float pse_at(const PseSpec& ps, const SeqSpan& sp, int64_t b, int64_t n, int64_t i, int64_t j) {
-  return ps.kind == PseSpec::Kind::None ? 0.f : pse_load<T>(ps, pse_index(ps, sp, b, n, i, j));
+  if (ps.kind == PseSpec::Kind::None) return 0.f;
+  if (ps.kind == PseSpec::Kind::Slopes) {  // generated alibi (pse_type 2/3, spec §3.2)
+    const float slope = static_cast<const float*>(ps.data)[pse_index(ps, sp, b, n, i, j)];
+    const int64_t dd = j - i + ps.diag[static_cast<size_t>(b)];
+    const float dist = static_cast<float>(dd < 0 ? -dd : dd);
+    return -slope * (ps.sqrt_dist ? std::sqrt(dist) : dist);
+  }
+  return pse_load<T>(ps, pse_index(ps, sp, b, n, i, j));
 }
 
 }  // namespace npufa

@@ -27,7 +27,7 @@ void fusion_attention_grad(const FusionAttentionGradParams& g) {
   FusionAttentionGradCanon gc = canonicalize_fusion_attention_grad(g);
   const AttnProblem& pr = gc.fwd.problem;
   std::vector<float> dpse;
-  if (g.fwd.pse) {
+  if (gc.io.dpse_numel > 0) {
     dpse.assign(static_cast<size_t>(gc.io.dpse_numel), 0.f);
     gc.io.dpse = dpse.data();
   }
@@ -37,7 +37,7 @@ void fusion_attention_grad(const FusionAttentionGradParams& g) {
     zero_tail_rows(g.dv, gc.fwd.kv_rows_covered);
   }
   flash_backward(pr, gc.io);
-  if (g.fwd.pse) {
+  if (gc.io.dpse) {
     void* out = g.dpse->data;
     const int64_t n = gc.io.dpse_numel;
     switch (g.dpse->dtype) {

@@ -23,7 +23,7 @@ struct SeqSpan {
 
 // Additive position bias, read per (b, n, i, j) of local indices.
 struct PseSpec {
-  enum class Kind { None, Dense, AlibiDense, AlibiTnd, Flat } kind = Kind::None;
+  enum class Kind { None, Dense, AlibiDense, AlibiTnd, Flat, Slopes } kind = Kind::None;
   const void* data = nullptr;
   DType dtype = DType::F32;
   int64_t sb = 0, sn = 0, si = 0, sj = 0;  // Dense strides (0 on broadcast axes); Flat: si = has rows, sj = element stride
@@ -31,6 +31,10 @@ struct PseSpec {
   int64_t sq = 0;                          // AlibiDense: the full Sq
   std::vector<int64_t> batch_base;         // Flat: element offset of batch b's block
   float mul = 1.0f;                        // s = qk*scale + pse*mul (mul = scale for pse_type 1)
+  // Slopes (pse_type 2/3): pse = -slope[b, n] * f(|j - i + diag[b]|), f = identity or sqrt; data fp32
+  // with strides sb (0 for [Nq] slopes) and sn.
+  bool sqrt_dist = false;
+  std::vector<int64_t> diag;
 };
 
 struct DropoutSpec {

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cctype>
+#include <tuple>
 #include <string>
 
 #include "npufa/dropout.h"
@@ -11,8 +12,6 @@
 
 namespace npufa {
 namespace {
-
-constexpr const char* kOp = "npu_fusion_attention";
 
 int64_t sat(int64_t x) { return std::clamp(x, -kUnbounded, kUnbounded); }
 
@@ -41,6 +40,7 @@ struct Dims {
 };
 
 Dims derive_dims(const FusionAttentionParams& p, Layout layout) {
+  const char* kOp = p.op;
   const TensorView &q = p.query, &k = p.key, &v = p.value;
   const int64_t rank = (layout == Layout::BSND || layout == Layout::BNSD) ? 4 : 3;
   for (const auto* t : {&q, &k, &v}) {
@@ -123,7 +123,7 @@ FusionAttentionShapes output_shapes(Layout layout, const Dims& d) {
 }
 
 // Cumulative lengths (spec §2.6): non-decreasing up to a run of trailing zeros, within T.
-void check_cumulative(const std::vector<int64_t>& c, const char* name, int64_t T, const char* tname) {
+void check_cumulative(const char* kOp, const std::vector<int64_t>& c, const char* name, int64_t T, const char* tname) {
   size_t last = 0;
   bool any = false;
   for (size_t i = 0; i < c.size(); ++i) {
@@ -144,6 +144,7 @@ void check_cumulative(const std::vector<int64_t>& c, const char* name, int64_t T
 
 // Canonical per-batch bands for sparse modes 0–8 (spec §1.6 table and notes).
 void build_mask(const FusionAttentionParams& p, Layout layout, const Dims& d, AttnProblem& pr) {
+  const char* kOp = p.op;
   const bool tnd = layout == Layout::TND;
   const int64_t mode = p.sparse_mode;
   const bool valid_mode = tnd ? (mode >= 0 && mode <= 8 && mode != 5) : (mode >= 0 && mode <= 6);
@@ -321,8 +322,57 @@ bool masks_upper_triangle(const AttnProblem& pr) {
   return true;
 }
 
+// pse_type 2/3 (spec §3.2): pse holds alibi slopes; the bias is generated per (i, j).
+void build_slopes(const FusionAttentionParams& p, Layout layout, const Dims& d, AttnProblem& pr) {
+  const char* kOp = p.op;
+  const TensorView& t = *p.pse;
+  const bool tnd = layout == Layout::TND;
+  if (t.dtype != DType::F32)
+    fail<TypeError>(kOp, ": pse (alibi slopes for pse_type ", p.pse_type, ") must be float32, got ", dtype_name(t.dtype));
+  if (!((t.dim() == 2 && t.size(0) == pr.B && t.size(1) == d.Nq) || (t.dim() == 1 && t.size(0) == d.Nq)))
+    fail(kOp, ": pse (alibi slopes for pse_type ", p.pse_type, ") must have shape [B, N] = [", pr.B, ", ", d.Nq,
+         "] or [N] = [", d.Nq, "], got ", shape_str(t.shape));
+  if (p.sparse_mode == 7) fail(kOp, ": pse_type ", p.pse_type, " is not supported with sparse_mode 7");
+  if (!tnd && d.Sq != d.Skv)
+    fail(kOp, ": pse_type ", p.pse_type, " needs Sq == Skv, got Sq = ", d.Sq, ", Skv = ", d.Skv);
+  auto first = [&](const std::optional<std::vector<int64_t>>& v, const char* name) -> int64_t {
+    if (!v || v->empty()) return 0;
+    if (v->size() != 1) fail(kOp, ": ", name, " must hold one int, got ", list_str(*v));
+    return (*v)[0];
+  };
+  const int64_t qs = first(p.q_start_idx, "q_start_idx"), ks = first(p.kv_start_idx, "kv_start_idx");
+  PseSpec& ps = pr.pse;
+  ps.kind = PseSpec::Kind::Slopes;
+  ps.data = t.data;
+  ps.dtype = t.dtype;
+  ps.sb = t.dim() == 2 ? t.stride(0) : 0;
+  ps.sn = t.stride(-1);
+  ps.sqrt_dist = p.pse_type == 3;
+  ps.mul = 1.f;
+  const bool mode8 = tnd && p.atten_mask && p.sparse_mode == 8;
+  for (int64_t b = 0; b < pr.B; ++b) {
+    const SeqSpan& s = pr.seqs[static_cast<size_t>(b)];
+    if (mode8 && b == 0 && s.q_len - s.kv_len + qs - ks != 0)
+      fail(kOp, ": pse_type ", p.pse_type, " with sparse_mode 8 needs Sq_0 - Skv_0 + q_start_idx - kv_start_idx == 0, got ",
+           s.q_len, " - ", s.kv_len, " + ", qs, " - ", ks);
+    if (mode8 && b > 0 && s.q_len != s.kv_len)
+      fail(kOp, ": pse_type ", p.pse_type, " with sparse_mode 8 needs Sq_b == Skv_b for batches after the first, got batch ",
+           b, " with ", s.q_len, " and ", s.kv_len);
+    // With sparse_mode 8 the start indices apply to batch 0 only.
+    ps.diag.push_back(mode8 && b > 0 ? 0 : ks - qs);
+  }
+}
+
 void build_pse(const FusionAttentionParams& p, Layout layout, const Dims& d, AttnProblem& pr) {
-  if (!p.pse) return;
+  const char* kOp = p.op;
+  if (p.pse_type < 0 || p.pse_type > 3) fail(kOp, ": pse_type must be 0, 1, 2 or 3, got ", p.pse_type);
+  if (!p.pse) {
+    if (p.pse_type != 1)
+      fail(kOp, ": pse_type ", p.pse_type, " needs pse (",
+           p.pse_type >= 2 ? "the alibi slopes, float32 [B, N] or [N]" : "the bias tensor", "), got None");
+    return;
+  }
+  if (p.pse_type >= 2) return build_slopes(p, layout, d, pr);
   const TensorView& t = *p.pse;
   const bool tnd = layout == Layout::TND;
   if (t.dtype != p.query.dtype)
@@ -333,7 +383,7 @@ void build_pse(const FusionAttentionParams& p, Layout layout, const Dims& d, Att
   PseSpec& ps = pr.pse;
   ps.data = t.data;
   ps.dtype = t.dtype;
-  ps.mul = pr.scale;  // pse_type 1: s = (qk + pse) * scale
+  ps.mul = p.pse_type == 1 ? pr.scale : 1.f;  // pse_type 1: s = (qk + pse)·scale; 0: qk·scale + pse
   int64_t maxq = 0, maxkv = 0, sum_ss = 0, sum_kv = 0;
   bool zero_len = false, square = true;
   for (const SeqSpan& s : pr.seqs) {
@@ -421,6 +471,7 @@ Acc4 stat_acc(const char* op, const TensorView& t, const char* name, const Fusio
 }  // namespace
 
 FusionAttentionCanon canonicalize_fusion_attention(const FusionAttentionParams& p, bool with_outputs) {
+  const char* kOp = p.op;
   FusionAttentionCanon c;
   const Layout layout = parse_training_layout(p.input_layout, kOp);
   c.layout = layout;
@@ -445,6 +496,8 @@ FusionAttentionCanon canonicalize_fusion_attention(const FusionAttentionParams& 
     fail(kOp, ": softmax_layout \"TND\" needs input_layout TND, got input_layout ", layout_name(layout));
 
   const Dims d = derive_dims(p, layout);
+  if (p.query_rope.has_value() != p.key_rope.has_value())
+    fail(kOp, ": query_rope and key_rope must be given together, got ", p.query_rope ? "query_rope only" : "key_rope only");
   c.shapes = output_shapes(layout, d);
   AttnProblem& pr = c.problem;
   pr.dtype = p.query.dtype;
@@ -465,8 +518,8 @@ FusionAttentionCanon canonicalize_fusion_attention(const FusionAttentionParams& 
     if (cq.size() != ck.size())
       fail(kOp, ": actual_seq_qlen and actual_seq_kvlen must have the same length (one entry per batch), got ",
            list_str(cq), " and ", list_str(ck));
-    check_cumulative(cq, "actual_seq_qlen", d.Sq, "query's");
-    check_cumulative(ck, "actual_seq_kvlen", d.Skv, "key's");
+    check_cumulative(p.op, cq, "actual_seq_qlen", d.Sq, "query's");
+    check_cumulative(p.op, ck, "actual_seq_kvlen", d.Skv, "key's");
     pr.B = static_cast<int64_t>(cq.size());
     int64_t pq = 0, pk = 0;
     for (size_t b = 0; b < cq.size(); ++b) {
@@ -494,6 +547,26 @@ FusionAttentionCanon canonicalize_fusion_attention(const FusionAttentionParams& 
     for (SeqSpan& s : pr.seqs) s.kv_len = 0;
 
   pr.q = acc_for(p.query, layout, d.D);
+  if (p.query_rope) {  // MLA rope (§3.3): same layout as query/key, own head dim
+    const TensorView &qr = *p.query_rope, &kr = *p.key_rope;
+    for (auto [t, ref, name] : {std::tuple{&qr, &p.query, "query_rope"}, std::tuple{&kr, &p.key, "key_rope"}}) {
+      if (t->dtype != p.query.dtype)
+        fail<TypeError>(kOp, ": ", name, " must have the query's dtype ", dtype_name(p.query.dtype), ", got ",
+                        dtype_name(t->dtype));
+      bool ok = t->dim() == ref->dim();
+      for (int64_t i = 0; ok && i + 1 < t->dim(); ++i) ok = t->size(i) == ref->size(i);
+      if (!ok)
+        fail(kOp, ": ", name, " must match ", name == std::string("query_rope") ? "query" : "key",
+             "'s shape except the last dim, got ", shape_str(t->shape), " vs ", shape_str(ref->shape));
+    }
+    const bool hidden = layout == Layout::BSH || layout == Layout::SBH;
+    pr.Dr = hidden ? qr.size(-1) / d.Nq : qr.size(-1);
+    if ((hidden && qr.size(-1) % d.Nq != 0) || kr.size(-1) != (hidden ? d.Nkv * pr.Dr : pr.Dr))
+      fail(kOp, ": query_rope and key_rope must have one rope head dim for all heads, got ", shape_str(qr.shape),
+           " and ", shape_str(kr.shape));
+    pr.qr = acc_for(qr, layout, pr.Dr);
+    pr.kr = acc_for(kr, layout, pr.Dr);
+  }
   pr.k = acc_for(p.key, layout, d.D);
   pr.v = acc_for(p.value, layout, d.Dv);
 
@@ -549,7 +622,7 @@ FusionAttentionCanon canonicalize_fusion_attention(const FusionAttentionParams& 
 }
 
 FusionAttentionGradCanon canonicalize_fusion_attention_grad(const FusionAttentionGradParams& g) {
-  constexpr const char* op = "npu_fusion_attention_grad";
+  const char* op = g.fwd.op;  // the caller names the grad entry ("npu_fusion_attention_grad", ...)
   FusionAttentionGradCanon gc;
   gc.fwd = canonicalize_fusion_attention(g.fwd, false);
   FusionAttentionCanon& c = gc.fwd;
@@ -579,7 +652,7 @@ FusionAttentionGradCanon canonicalize_fusion_attention_grad(const FusionAttentio
   io.dq = acc_for(g.dq, c.layout, pr.D);
   io.dk = acc_for(g.dk, c.layout, pr.D);
   io.dv = acc_for(g.dv, c.layout, pr.Dv);
-  if (p.pse) {
+  if (p.pse && pr.pse.kind != PseSpec::Kind::Slopes) {  // generated alibi: no gradient for the slopes
     if (!g.dpse) fail(op, ": dpse output is required when pse is given");
     // dpse is accumulated in the pse's element-offset space: both must be plain contiguous.
     if (!is_contiguous(*p.pse))
@@ -587,6 +660,13 @@ FusionAttentionGradCanon canonicalize_fusion_attention_grad(const FusionAttentio
     check_tensor(op, *g.dpse, "dpse", p.pse->dtype, p.pse->shape);
     if (!is_contiguous(*g.dpse)) fail(op, ": dpse must be contiguous");
     io.dpse_numel = p.pse->numel();
+  }
+  if (p.query_rope) {
+    if (!g.dq_rope || !g.dk_rope) fail(op, ": dq_rope/dk_rope outputs are required when query_rope/key_rope are given");
+    check_tensor(op, *g.dq_rope, "dq_rope", p.query.dtype, p.query_rope->shape);
+    check_tensor(op, *g.dk_rope, "dk_rope", p.query.dtype, p.key_rope->shape);
+    io.dq_rope = acc_for(*g.dq_rope, c.layout, pr.Dr);
+    io.dk_rope = acc_for(*g.dk_rope, c.layout, pr.Dr);
   }
   if (p.sink) {
     if (!g.dsink) fail(op, ": dsink output is required when sink is given");

@@ -109,7 +109,7 @@ RefResult reference_attention(const AttnProblem& p) {
       const int64_t nk = n / p.G;  // GQA: contiguous groups (§1.3)
       for (int64_t i = 0; i < sp.q_len; ++i) {
         const int64_t row = r.row(b, n, i);
-        double* o = &r.out[static_cast<size_t>(row * p.Dv)];
+        double* o = r.out.data() + row * p.Dv;  // (Dv may be 0)
         if (sp.kv_len == 0) continue;  // empty KV: zeros (§1.8)
         q.resize(static_cast<size_t>(p.D));
         for (int64_t d = 0; d < p.D; ++d) q[static_cast<size_t>(d)] = load_as_double(p.q.base, p.dtype, p.q.at(b, n, sp.q_off + i, d));

@@ -11,6 +11,7 @@ namespace npufa {
 
 // Mirrors torch_npu.npu_fusion_attention's arguments one to one, plus the caller-allocated outputs.
 struct FusionAttentionParams {
+  const char* op = "npu_fusion_attention";  // the name errors carry (v2/v3 entry points set theirs)
   TensorView query, key, value;
   int64_t head_num = 0;
   std::string input_layout;
@@ -26,6 +27,11 @@ struct FusionAttentionParams {
   std::optional<TensorView> sink;          // fp32 [head_num]
   std::optional<TensorView> dropout_mask;  // uint8, bit-packed, used as is
   int64_t seed = 0, offset = 0;            // Philox key when keep_prob < 1 and no dropout_mask
+
+  // npu_fusion_attention_v2's additions; the defaults are v1's behaviour (spec §3).
+  int64_t pse_type = 1;  // 0: qk·scale + pse, 1: (qk + pse)·scale, 2/3: alibi generated from slopes (pse)
+  std::optional<std::vector<int64_t>> q_start_idx, kv_start_idx;  // one int each, for pse_type 2/3
+  std::optional<TensorView> query_rope, key_rope;                 // MLA: q·k += q_rope·k_rope
 
   // Outputs, allocated by the caller with the shapes of fusion_attention_output_shapes().
   TensorView attention_out;              // query dtype

@@ -22,6 +22,7 @@ struct FusionAttentionGradParams {
   TensorView dq, dk, dv;                           // like query, key, value
   std::optional<TensorView> dpse;                  // like pse (contiguous), when pse is given
   std::optional<TensorView> dsink;                 // fp32 [head_num], when sink is given
+  std::optional<TensorView> dq_rope, dk_rope;      // like query_rope, key_rope (v2), when given
 };
 
 // Regenerates the forward's dropout bits from (seed, offset) (or reads fwd.dropout_mask, an npufa
