@@ -13,5 +13,8 @@ int get_num_threads();
 // receives a thread index in [0, get_num_threads()) for per-thread scratch. Calls made from inside
 // a worker run serially on that worker.
 void parallel_for(int64_t n, const std::function<void(int64_t item, int thread)>& fn);
+// Same with an explicit thread count: thread indices stay below `threads` even if
+// set_num_threads() is called concurrently (kernels size per-thread scratch with it).
+void parallel_for(int64_t n, int threads, const std::function<void(int64_t item, int thread)>& fn);
 
 }  // namespace npufa

@@ -116,15 +116,17 @@ int get_num_threads() {
   return n > 0 ? n : default_threads();
 }
 
-void parallel_for(int64_t n, const std::function<void(int64_t, int)>& fn) {
+void parallel_for(int64_t n, const std::function<void(int64_t, int)>& fn) { parallel_for(n, get_num_threads(), fn); }
+
+void parallel_for(int64_t n, int threads, const std::function<void(int64_t, int)>& fn) {
   if (n <= 0) return;
-  int nt = static_cast<int>(std::min<int64_t>(get_num_threads(), n));
-  if (nt <= 1 || t_in_region) {
+  threads = std::max(threads, 1);
+  if (threads == 1 || n == 1 || t_in_region) {
     for (int64_t i = 0; i < n; ++i) fn(i, 0);
     return;
   }
-  // The pool keeps get_num_threads() - 1 workers so thread indices stay below get_num_threads().
-  pool().run(get_num_threads(), n, fn);
+  // The pool keeps threads - 1 workers: thread indices stay below `threads`.
+  pool().run(threads, n, fn);
 }
 
 }  // namespace npufa

@@ -263,10 +263,10 @@ void flash_backward(const AttnProblem& p, const BwdIO& io) {
     total += p.Nq * s.q_len;
   }
   sh.delta.assign(static_cast<size_t>(total), 0.f);
-  const int nthreads = get_num_threads();
+  const int nthreads = get_num_threads();  // read once: scratch, dpse parts and pool agree
 
   const auto delta_fn = isa_entry<DeltaItem, Shared*, int64_t, int64_t>(p.dtype);
-  parallel_for(p.B * p.Nq, [&](int64_t it, int) { delta_fn(&sh, it / p.Nq, it % p.Nq); });
+  parallel_for(p.B * p.Nq, nthreads, [&](int64_t it, int) { delta_fn(&sh, it / p.Nq, it % p.Nq); });
 
   std::vector<BwdScratch> scratch(static_cast<size_t>(nthreads));
   auto scratch_for = [&](int tid) -> BwdScratch& {
@@ -281,7 +281,7 @@ void flash_backward(const AttnProblem& p, const BwdIO& io) {
     kv_start[static_cast<size_t>(b) + 1] =
         kv_start[static_cast<size_t>(b)] + (p.seqs[static_cast<size_t>(b)].kv_len + kBk - 1) / kBk * p.Nkv;
   const auto kv_fn = isa_entry<KvItem, const Shared*, int64_t, int64_t, int64_t, BwdScratch*>(p.dtype);
-  parallel_for(kv_start.back(), [&](int64_t it, int tid) {
+  parallel_for(kv_start.back(), nthreads, [&](int64_t it, int tid) {
     const int64_t b = std::upper_bound(kv_start.begin(), kv_start.end(), it) - kv_start.begin() - 1;
     const int64_t tiles = (p.seqs[static_cast<size_t>(b)].kv_len + kBk - 1) / kBk;
     const int64_t local = it - kv_start[static_cast<size_t>(b)];
@@ -302,7 +302,7 @@ void flash_backward(const AttnProblem& p, const BwdIO& io) {
     q_start[static_cast<size_t>(b) + 1] =
         q_start[static_cast<size_t>(b)] + (p.seqs[static_cast<size_t>(b)].q_len + kBq - 1) / kBq * p.Nq;
   const auto q_fn = isa_entry<QItem, const Shared*, int64_t, int64_t, int64_t, BwdScratch*, int>(p.dtype);
-  parallel_for(q_start.back(), [&](int64_t it, int tid) {
+  parallel_for(q_start.back(), nthreads, [&](int64_t it, int tid) {
     const int64_t b = std::upper_bound(q_start.begin(), q_start.end(), it) - q_start.begin() - 1;
     const int64_t tiles = (p.seqs[static_cast<size_t>(b)].q_len + kBq - 1) / kBq;
     const int64_t local = it - q_start[static_cast<size_t>(b)];

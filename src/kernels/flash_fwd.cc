@@ -169,9 +169,10 @@ void flash_forward(const AttnProblem& p) {
   }
   const int64_t items = tile_start.back();
   if (items == 0) return;
-  std::vector<Scratch> scratch(static_cast<size_t>(get_num_threads()));
+  const int nthreads = get_num_threads();  // read once: scratch and pool agree
+  std::vector<Scratch> scratch(static_cast<size_t>(nthreads));
   const auto item_fn = isa_entry<FwdItem, const AttnProblem*, int64_t, int64_t, int64_t, Scratch*>(p.dtype);
-  parallel_for(items, [&](int64_t it, int tid) {
+  parallel_for(items, nthreads, [&](int64_t it, int tid) {
     const int64_t b = std::upper_bound(tile_start.begin(), tile_start.end(), it) - tile_start.begin() - 1;
     const int64_t tiles = (p.seqs[static_cast<size_t>(b)].q_len + kBq - 1) / kBq;
     const int64_t local = it - tile_start[static_cast<size_t>(b)];

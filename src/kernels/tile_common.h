@@ -179,12 +179,16 @@ __attribute__((target("arch=x86-64-v3"))) void isa_v3(A... a) {
 }
 #endif
 
+// Highest ISA level to use: the CPU's, capped by the environment variable NPUFA_ISA
+// ("avx512", "avx2" or "baseline") so tests can cover every path on one machine.
+int isa_level();
+
 template <class K, DType T, class... A>
 auto pick_isa() -> void (*)(A...) {
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("x86-64-v4")) return isa_v4<K, T, A...>;
-  if (__builtin_cpu_supports("x86-64-v3")) return isa_v3<K, T, A...>;
+  const int level = isa_level();
+  if (level >= 4) return isa_v4<K, T, A...>;
+  if (level >= 3) return isa_v3<K, T, A...>;
 #endif
   return isa_base<K, T, A...>;
 }

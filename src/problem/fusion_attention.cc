@@ -486,7 +486,7 @@ FusionAttentionCanon canonicalize_fusion_attention(const FusionAttentionParams& 
     fail(kOp, ": keep_prob must be in (0, 1], got ", p.keep_prob);
   if (p.padding_mask) fail(kOp, ": padding_mask is not supported (torch_npu: pass None)");
   if (p.inner_precise < 0 || p.inner_precise > 3)
-    fail(kOp, ": inner_precise must be 0, 1 or 2 (2 = invalid-row correction, always on in npufa), got ",
+    fail(kOp, ": inner_precise must be 0, 1, 2 or 3 (invalid-row correction is always on in npufa), got ",
          p.inner_precise);
   std::string sl = p.softmax_layout;
   for (char& ch : sl) ch = static_cast<char>(std::toupper(static_cast<unsigned char>(ch)));

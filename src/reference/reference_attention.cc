@@ -65,6 +65,13 @@ double reference_pse(const AttnProblem& p, int64_t b, int64_t n, int64_t i, int6
       const SeqSpan& s = p.seqs[static_cast<size_t>(b)];
       return at((base + (per_row ? (n * s.q_len + i) * s.kv_len : n * s.kv_len) + j) * ps.sj);  // sj: element stride
     }
+    case PseSpec::Kind::Slopes: {
+      // pse_type 2/3 (§3.2): -slope[b, n] * |j - i + kv_start - q_start| (sqrt of it for type 3);
+      // diag[b] = kv_start - q_start as resolved per batch.
+      const double slope = load_as_double(ps.data, DType::F32, b * ps.sb + n * ps.sn);
+      const double dist = std::fabs(static_cast<double>(j - i + ps.diag[static_cast<size_t>(b)]));
+      return -slope * (ps.sqrt_dist ? std::sqrt(dist) : dist);
+    }
   }
   throw std::logic_error("reference: unknown pse kind");
 }
@@ -122,6 +129,9 @@ RefResult reference_attention(const AttnProblem& p) {
           double x = 0.0;
           for (int64_t d = 0; d < p.D; ++d)
             x += q[static_cast<size_t>(d)] * load_as_double(p.k.base, p.dtype, p.k.at(b, nk, sp.kv_off + j, d));
+          for (int64_t d = 0; d < p.Dr; ++d)  // MLA rope: q.k += q_rope.k_rope (§1.4)
+            x += load_as_double(p.qr.base, p.dtype, p.qr.at(b, n, sp.q_off + i, d)) *
+                 load_as_double(p.kr.base, p.dtype, p.kr.at(b, nk, sp.kv_off + j, d));
           double sc = x * scale;
           if (p.pse.kind != PseSpec::Kind::None) sc += reference_pse(p, b, n, i, j) * static_cast<double>(p.pse.mul);
           s[static_cast<size_t>(j)] = sc;

@@ -36,7 +36,7 @@ struct RefResult {
   double sum_at(int64_t b, int64_t n, int64_t i) const { return sum[static_cast<size_t>(row(b, n, i))]; }
 };
 
-// The bias added to score (b, n, i, j) before scaling by PseSpec::mul, per spec §2.5.
+// The bias of score (b, n, i, j), multiplied by PseSpec::mul, per spec §2.5 (and §3.2 for slopes).
 // Alibi kinds are read on j <= i only (the problem is causal by validation).
 double reference_pse(const AttnProblem& p, int64_t b, int64_t n, int64_t i, int64_t j);
 
@@ -44,7 +44,7 @@ double reference_pse(const AttnProblem& p, int64_t b, int64_t n, int64_t i, int6
 int reference_keep(const AttnProblem& p, int64_t b, int64_t n, int64_t i, int64_t j);
 
 // The golden forward. Semantics:
-//   s_ij = (q_i . k_j) * scale + pse_ij * pse.mul, masked entries removed;
+//   s_ij = (q_i . k_j + q_rope_i . k_rope_j) * scale + pse_ij * pse.mul, masked entries removed;
 //   m = max_j s_ij, l = sum_j exp(s_ij - m) (+ exp(sink[n] - m));
 //   out_i = sum_j exp(s_ij - m) / l * keep_ij / keep_prob * v_j;
 //   fully masked row: out 0, max -FLT_MAX, sum +FLT_MAX; empty KV: out 0, max 0, sum 0.

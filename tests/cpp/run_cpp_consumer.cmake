@@ -1,0 +1,45 @@
+# cmake -P script: install the npufa build tree into a temporary prefix, then configure, build and
+# run examples/cpp_consumer against that prefix. Any failing step fails the test.
+foreach(v NPUFA_BUILD_DIR CONSUMER_SOURCE_DIR WORK_DIR)
+  if(NOT DEFINED ${v})
+    message(FATAL_ERROR "run_cpp_consumer.cmake: -D${v}=... is required")
+  endif()
+endforeach()
+
+set(prefix ${WORK_DIR}/prefix)
+set(build ${WORK_DIR}/build)
+file(REMOVE_RECURSE ${WORK_DIR})
+file(MAKE_DIRECTORY ${WORK_DIR})
+
+function(step name)
+  execute_process(COMMAND ${ARGN} RESULT_VARIABLE rc OUTPUT_VARIABLE out ERROR_VARIABLE err)
+  if(NOT rc EQUAL 0)
+    message(FATAL_ERROR "${name} failed (${rc}):\n${out}\n${err}")
+  endif()
+  message(STATUS "${name}: ok")
+  set(step_output "${out}" PARENT_SCOPE)
+endfunction()
+
+step("install npufa" ${CMAKE_COMMAND} --install ${NPUFA_BUILD_DIR} --prefix ${prefix})
+if(NOT EXISTS ${prefix}/include/npufa/npufa.h)
+  message(FATAL_ERROR "the install did not put include/npufa/npufa.h under ${prefix}")
+endif()
+
+set(gen_args)
+if(GENERATOR)
+  list(APPEND gen_args -G ${GENERATOR})
+endif()
+if(CXX_COMPILER)
+  list(APPEND gen_args -DCMAKE_CXX_COMPILER=${CXX_COMPILER})
+endif()
+step("configure consumer" ${CMAKE_COMMAND} -S ${CONSUMER_SOURCE_DIR} -B ${build} ${gen_args}
+     -DCMAKE_PREFIX_PATH=${prefix} -DCMAKE_FIND_USE_PACKAGE_REGISTRY=OFF -DCMAKE_BUILD_TYPE=Release)
+# The package must come from the temporary prefix, not from the build tree.
+file(STRINGS ${build}/CMakeCache.txt dir_line REGEX "^npufa_DIR:")
+string(FIND "${dir_line}" "${prefix}" at)
+if(at EQUAL -1)
+  message(FATAL_ERROR "find_package(npufa) did not use the installed prefix ${prefix}: ${dir_line}")
+endif()
+step("build consumer" ${CMAKE_COMMAND} --build ${build})
+step("run consumer" ${build}/npufa_consumer)
+message(STATUS "${step_output}")
