@@ -124,7 +124,10 @@ def _draw_seed(keep_prob: float, dropout_mask, seed: int) -> int:
     return seed
 
 
-def _check_layout(op: str, input_layout) -> None:
+def _check_layout(op: str, input_layout, **tensors) -> None:
+    for name, t in tensors.items():
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{op}: {name} must be a Tensor, got {type(t).__name__}")
     if not isinstance(input_layout, str):
         raise TypeError(f"{op}: input_layout must be a str, got {type(input_layout).__name__}")
 
@@ -169,7 +172,7 @@ def npu_fusion_attention(query: Tensor, key: Tensor, value: Tensor, head_num: in
     keep_prob < 1 and no dropout_mask, seed 0 means "draw one from torch's default generator"; the
     seed used is returned so the backward regenerates the same mask.
     """
-    _check_layout("npu_fusion_attention", input_layout)
+    _check_layout("npu_fusion_attention", input_layout, query=query, key=key, value=value)
     return torch.ops.npufa.npu_fusion_attention(
         query, key, value, int(head_num), input_layout, pse, padding_mask, atten_mask, float(scale),
         float(keep_prob), int(pre_tockens), int(next_tockens), int(inner_precise), _int_list(prefix),
@@ -230,7 +233,7 @@ def npu_fusion_attention_grad(query: Tensor, key: Tensor, value: Tensor, dy: Ten
     regenerated from (seed, offset) exactly as the forward drew it; dropout_mask (npufa extension)
     passes the forward's external mask instead.
     """
-    _check_layout("npu_fusion_attention_grad", input_layout)
+    _check_layout("npu_fusion_attention_grad", input_layout, query=query, key=key, value=value, dy=dy)
     dq, dk, dv, dpse, dsink = torch.ops.npufa.npu_fusion_attention_grad(
         query, key, value, dy, int(head_num), input_layout, pse, padding_mask, atten_mask, softmax_max,
         softmax_sum, softmax_in, attention_in, float(scale_value), float(keep_prob), int(pre_tockens),
@@ -282,7 +285,7 @@ def npu_fusion_attention_v2(query: Tensor, key: Tensor, value: Tensor, head_num:
     """torch_npu.npu_fusion_attention_v2 on the CPU (§3): v1 plus pse_type 0–3 (2/3: alibi generated
     from the slopes passed as pse, shifted by q_start_idx/kv_start_idx) and query_rope/key_rope.
     Returns the same 7-tuple as v1."""
-    _check_layout("npu_fusion_attention_v2", input_layout)
+    _check_layout("npu_fusion_attention_v2", input_layout, query=query, key=key, value=value)
     return torch.ops.npufa.npu_fusion_attention_v2(
         query, key, value, int(head_num), input_layout, pse, padding_mask, atten_mask, query_rope, key_rope,
         float(scale), float(keep_prob), int(pre_tokens), int(next_tokens), int(inner_precise), _int_list(prefix),
@@ -342,7 +345,7 @@ def npu_fusion_attention_grad_v2(query: Tensor, key: Tensor, value: Tensor, dy: 
     dpse is None without pse and for pse_type 2/3 (no gradient for the slopes); dq_rope/dk_rope are
     empty [0] tensors without rope; dsink is an empty fp32 tensor without sink.
     """
-    _check_layout("npu_fusion_attention_grad_v2", input_layout)
+    _check_layout("npu_fusion_attention_grad_v2", input_layout, query=query, key=key, value=value, dy=dy)
     dq, dk, dv, dpse, dqr, dkr, dsink = torch.ops.npufa.npu_fusion_attention_grad_v2(
         query, key, value, dy, int(head_num), input_layout, pse, padding_mask, atten_mask, softmax_max, softmax_sum,
         softmax_in, attention_in, query_rope, key_rope, float(scale_value), float(keep_prob), int(pre_tokens),

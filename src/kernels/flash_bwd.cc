@@ -22,8 +22,7 @@ struct BwdScratch {
   // Q and dY tiles (row-major, padded), K/V tiles (transposed [d][kBk] and row-major K),
   // score-sized tiles, accumulators.
   std::vector<float> q, dy, kt, kr, vt, s, p, dp, t, acc_a, acc_b, m, l, delta, keep;
-  std::vector<double> dsink;
-  void reserve(int64_t D, int64_t Dv, int64_t Nq) {
+  void reserve(int64_t D, int64_t Dv) {
     const int64_t dp_ = padded(D), dvp = padded(Dv);
     q.resize(kBq * dp_);
     dy.resize(kBq * dvp);
@@ -40,7 +39,6 @@ struct BwdScratch {
     l.resize(kBq);
     delta.resize(kBq);
     keep.resize(kBk);
-    dsink.assign(static_cast<size_t>(Nq), 0.0);
   }
 };
 
@@ -179,7 +177,8 @@ struct KvItem {
 // Pass 2: (batch b, query head n, rows [i0, i0 + kBq)) -> dQ, dpse, dsink.
 struct QItem {
   template <DType T>
-  NPUFA_INLINE static void run(const Shared* shp, int64_t b, int64_t n, int64_t i0, BwdScratch* scp, int tid) {
+  NPUFA_INLINE static void run(const Shared* shp, int64_t b, int64_t n, int64_t i0, BwdScratch* scp, int part,
+                              double* dsink) {
     const Shared& sh = *shp;
     const AttnProblem& p = *sh.p;
     const BwdIO& io = *sh.io;
@@ -192,7 +191,7 @@ struct QItem {
     load_rows<T>(p.q, p.D, p.qr, p.Dr, b, n, sp.q_off + i0, rows, dpq, sc.q.data());
     load_rows<T>(io.dy, p.Dv, Acc4{}, 0, b, n, sp.q_off + i0, rows, dvp, sc.dy.data());
     load_row_stats(sh, b, n, i0, rows, sc);
-    float* dpse = io.dpse ? sh.dpse_parts[sh.dpse_shared ? 0 : static_cast<size_t>(tid)].data() : nullptr;
+    float* dpse = io.dpse ? sh.dpse_parts[static_cast<size_t>(part)].data() : nullptr;
     int64_t jlo = sp.kv_len, jhi = 0;
     for (int64_t r : {int64_t{0}, rows - 1}) {
       int64_t lo, hi;
@@ -222,8 +221,7 @@ struct QItem {
       for (int64_t r = 0; r < rows; ++r) {
         const float m = sc.m[static_cast<size_t>(r)];
         if (m <= -FLT_MAX) continue;
-        sc.dsink[static_cast<size_t>(n)] -=
-            static_cast<double>(std::exp(sk - m) / sc.l[static_cast<size_t>(r)]) * sc.delta[static_cast<size_t>(r)];
+        *dsink -= static_cast<double>(std::exp(sk - m) / sc.l[static_cast<size_t>(r)]) * sc.delta[static_cast<size_t>(r)];
       }
     }
     store_rows<T>(io.dq, b, n, sp.q_off + i0, rows, p.D, dQ, dpq, 0, p.scale);
@@ -271,7 +269,7 @@ void flash_backward(const AttnProblem& p, const BwdIO& io) {
   std::vector<BwdScratch> scratch(static_cast<size_t>(nthreads));
   auto scratch_for = [&](int tid) -> BwdScratch& {
     BwdScratch& sc = scratch[static_cast<size_t>(tid)];
-    if (sc.q.empty()) sc.reserve(p.D + p.Dr, p.Dv, p.Nq);
+    if (sc.q.empty()) sc.reserve(p.D + p.Dr, p.Dv);
     return sc;
   };
 
@@ -288,26 +286,39 @@ void flash_backward(const AttnProblem& p, const BwdIO& io) {
     kv_fn(&sh, b, local / tiles, (local % tiles) * kBk, &scratch_for(tid));
   });
 
-  // Pass 2 items: (b, n, query tile). A dense pse with its own batch and row axes gets each element
-  // from exactly one row: one shared accumulator; broadcast/compressed forms sum per thread.
+  // Pass 2 items: (b, n, query tile). Results must not depend on scheduling or thread count:
+  // a dense pse with its own batch and row axes gets each element from exactly one item (one
+  // shared accumulator); broadcast/compressed forms sum into kDpseSlots buffers, slot s taking
+  // items s, s + kDpseSlots, ... in order; dsink is summed per item, then in item order.
+  constexpr int64_t kDpseSlots = 4;
+  int64_t slots = 0;
   if (io.dpse) {
     const PseSpec& ps = p.pse;
     sh.dpse_shared = (ps.kind == PseSpec::Kind::Dense && (ps.sb != 0 || p.B == 1) && ps.si != 0) ||
                      (ps.kind == PseSpec::Kind::Flat && ps.si != 0);
-    sh.dpse_parts.assign(sh.dpse_shared ? 1 : static_cast<size_t>(nthreads),
+    slots = sh.dpse_shared ? 0 : kDpseSlots;
+    sh.dpse_parts.assign(sh.dpse_shared ? 1 : static_cast<size_t>(kDpseSlots),
                          std::vector<float>(static_cast<size_t>(io.dpse_numel), 0.f));
   }
   std::vector<int64_t> q_start(static_cast<size_t>(p.B) + 1, 0);
   for (int64_t b = 0; b < p.B; ++b)
     q_start[static_cast<size_t>(b) + 1] =
         q_start[static_cast<size_t>(b)] + (p.seqs[static_cast<size_t>(b)].q_len + kBq - 1) / kBq * p.Nq;
-  const auto q_fn = isa_entry<QItem, const Shared*, int64_t, int64_t, int64_t, BwdScratch*, int>(p.dtype);
-  parallel_for(q_start.back(), nthreads, [&](int64_t it, int tid) {
+  const int64_t items = q_start.back();
+  std::vector<double> dsink_items(static_cast<size_t>(items), 0.0);
+  const auto q_fn = isa_entry<QItem, const Shared*, int64_t, int64_t, int64_t, BwdScratch*, int, double*>(p.dtype);
+  auto run_item = [&](int64_t it, int tid, int part) {
     const int64_t b = std::upper_bound(q_start.begin(), q_start.end(), it) - q_start.begin() - 1;
     const int64_t tiles = (p.seqs[static_cast<size_t>(b)].q_len + kBq - 1) / kBq;
     const int64_t local = it - q_start[static_cast<size_t>(b)];
-    q_fn(&sh, b, local / tiles, (local % tiles) * kBq, &scratch_for(tid), tid);
-  });
+    q_fn(&sh, b, local / tiles, (local % tiles) * kBq, &scratch_for(tid), part, &dsink_items[static_cast<size_t>(it)]);
+  };
+  if (slots > 0)
+    parallel_for(slots, nthreads, [&](int64_t slot, int tid) {
+      for (int64_t it = slot; it < items; it += slots) run_item(it, tid, static_cast<int>(slot));
+    });
+  else
+    parallel_for(items, nthreads, [&](int64_t it, int tid) { run_item(it, tid, 0); });
 
   if (io.dpse) {
     std::fill(io.dpse, io.dpse + io.dpse_numel, 0.f);
@@ -315,12 +326,13 @@ void flash_backward(const AttnProblem& p, const BwdIO& io) {
       for (int64_t e = 0; e < io.dpse_numel; ++e) io.dpse[e] += part[static_cast<size_t>(e)];
   }
   if (io.dsink) {
-    for (int64_t n = 0; n < p.Nq; ++n) {
-      double acc = 0.0;
-      for (const BwdScratch& sc : scratch)
-        if (!sc.dsink.empty()) acc += sc.dsink[static_cast<size_t>(n)];
-      io.dsink[n] = static_cast<float>(acc);
+    std::vector<double> acc(static_cast<size_t>(p.Nq), 0.0);
+    for (int64_t b = 0; b < p.B; ++b) {
+      const int64_t tiles = (p.seqs[static_cast<size_t>(b)].q_len + kBq - 1) / kBq;
+      for (int64_t it = q_start[static_cast<size_t>(b)]; it < q_start[static_cast<size_t>(b) + 1]; ++it)
+        acc[static_cast<size_t>((it - q_start[static_cast<size_t>(b)]) / tiles)] += dsink_items[static_cast<size_t>(it)];
     }
+    for (int64_t n = 0; n < p.Nq; ++n) io.dsink[n] = static_cast<float>(acc[static_cast<size_t>(n)]);
   }
 }
 
