@@ -7,13 +7,11 @@ retain_graph). Backward FLOPs counted as 2.5x the forward's (shared/perf/limits.
 """
 from __future__ import annotations
 
-import argparse
-
 import torch
 import torch.nn.functional as F
 
 import npufa
-from cases import CASES, CAUSAL_MASK, QUICK, forward_flops, interleaved_best, make_inputs
+from cases import CAUSAL_MASK, bench_main, forward_flops, interleaved_best, make_inputs
 
 
 def run_case(name, B, Nq, Nkv, S, D, causal, dtype, reps):
@@ -33,22 +31,5 @@ def run_case(name, B, Nq, Nkv, S, D, causal, dtype, reps):
     return flops / to / 1e9, flops / ts / 1e9, ts / to
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true", help="three small cases, few repetitions")
-    ap.add_argument("--threads", type=int, default=0)
-    args = ap.parse_args()
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    reps = 3 if args.quick else 5
-    print(f"backward; threads: {torch.get_num_threads()}  torch {torch.__version__}")
-    print(f"{'case':34s} {'dtype':9s} {'npufa GFLOP/s':>14s} {'SDPA GFLOP/s':>13s} {'speed-up':>9s}")
-    for c in CASES:
-        if args.quick and c[0] not in QUICK:
-            continue
-        ours, sdpa, ratio = run_case(*c, reps=reps)
-        print(f"{c[0]:34s} {str(c[7]).replace('torch.', ''):9s} {ours:14.1f} {sdpa:13.1f} {ratio:8.2f}x")
-
-
 if __name__ == "__main__":
-    main()
+    bench_main("backward", run_case, 5)

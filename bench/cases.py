@@ -1,6 +1,7 @@
 """Shapes shared by the benchmarks (from real models; see shared/perf/limits.md) and timing helpers."""
 from __future__ import annotations
 
+import argparse
 import time
 
 import torch
@@ -45,3 +46,21 @@ def interleaved_best(fns, reps):
             f()
             best[i] = min(best[i], time.perf_counter() - t0)
     return best
+
+
+def bench_main(title, run_case, reps_full):
+    """Command line of the benchmarks: [--quick] [--threads N]; prints one row per case."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="three small cases, few repetitions")
+    ap.add_argument("--threads", type=int, default=0)
+    args = ap.parse_args()
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    reps = 3 if args.quick else reps_full
+    print(f"{title}; threads: {torch.get_num_threads()}  torch {torch.__version__}")
+    print(f"{'case':34s} {'dtype':9s} {'npufa GFLOP/s':>14s} {'SDPA GFLOP/s':>13s} {'speed-up':>9s}")
+    for c in CASES:
+        if args.quick and c[0] not in QUICK:
+            continue
+        ours, sdpa, ratio = run_case(*c, reps=reps)
+        print(f"{c[0]:34s} {str(c[7]).replace('torch.', ''):9s} {ours:14.1f} {sdpa:13.1f} {ratio:8.2f}x")

@@ -60,7 +60,6 @@ NPUFA_INLINE void recompute(const AttnProblem& p, int64_t b, int64_t n, int64_t 
   const SeqSpan& sp = p.seqs[static_cast<size_t>(b)];
   const int64_t dpq = padded(p.D + p.Dr), dvp = padded(p.Dv);
   const bool dropout = p.dropout.kind != DropoutSpec::Kind::None;
-  const bool has_pse = p.pse.kind != PseSpec::Kind::None;
   const float inv_keep = dropout ? static_cast<float>(1.0 / p.dropout.keep_prob) : 1.f;
   constexpr int kV = kBk / vec::kW;
   float* S = sc.s.data();
@@ -70,14 +69,7 @@ NPUFA_INLINE void recompute(const AttnProblem& p, int64_t b, int64_t n, int64_t 
   for (int64_t r = 0; r < rows; ++r) {
     float* s = S + r * kBk;
     const int64_t i = i0 + r;
-    for (int x = 0; x < kV; ++x) vec::store(s + x * vec::kW, vec::load(s + x * vec::kW) * p.scale);
-    if (cls == TileClass::Partial)
-      for (int64_t c = 0; c < cols; ++c)
-        if (p.mask.masked(b, n, i, j0 + c)) s[c] = -INFINITY;
-    if (has_pse)
-      for (int64_t c = 0; c < cols; ++c)
-        if (s[c] != -INFINITY) s[c] += p.pse.mul * pse_at<T>(p.pse, sp, b, n, i, j0 + c);
-    for (int64_t c = cols; c < kBk; ++c) s[c] = -INFINITY;
+    finish_score_row<T>(p, sp, b, n, i, j0, cols, cls, s);
     float* pr = P + r * kBk;
     float* pd = Pd + r * kBk;
     float* ds = dS + r * kBk;
@@ -192,13 +184,8 @@ struct QItem {
     load_rows<T>(io.dy, p.Dv, Acc4{}, 0, b, n, sp.q_off + i0, rows, dvp, sc.dy.data());
     load_row_stats(sh, b, n, i0, rows, sc);
     float* dpse = io.dpse ? sh.dpse_parts[static_cast<size_t>(part)].data() : nullptr;
-    int64_t jlo = sp.kv_len, jhi = 0;
-    for (int64_t r : {int64_t{0}, rows - 1}) {
-      int64_t lo, hi;
-      p.mask.row_range(b, i0 + r, sp.kv_len, &lo, &hi);
-      jlo = std::min(jlo, lo);
-      jhi = std::max(jhi, hi);
-    }
+    int64_t jlo, jhi;
+    tile_key_range(p, b, i0, rows, &jlo, &jhi);
     for (int64_t j0 = jlo / kBk * kBk; j0 < jhi && sp.kv_len > 0; j0 += kBk) {
       const int64_t cols = std::min(kBk, sp.kv_len - j0);
       const TileClass cls = p.mask.classify(b, i0, i0 + rows, j0, j0 + cols);

@@ -71,16 +71,9 @@ struct FwdItem {
     std::fill(M, M + rows, -INFINITY);
     std::fill(L, L + rows, 0.f);
 
-    // Keys any row of the tile can see.
-    int64_t jlo = sp.kv_len, jhi = 0;
-    for (int64_t r : {int64_t{0}, rows - 1}) {
-      int64_t lo, hi;
-      p.mask.row_range(b, i0 + r, sp.kv_len, &lo, &hi);
-      jlo = std::min(jlo, lo);
-      jhi = std::max(jhi, hi);
-    }
+    int64_t jlo, jhi;
+    tile_key_range(p, b, i0, rows, &jlo, &jhi);
     const bool dropout = p.dropout.kind != DropoutSpec::Kind::None;
-    const bool has_pse = p.pse.kind != PseSpec::Kind::None;
     alignas(64) float keep[kBk];
     constexpr int kV = kBk / vec::kW;
 
@@ -99,15 +92,7 @@ struct FwdItem {
       for (int64_t r = 0; r < rows; ++r) {
         float* s = S + r * kBk;
         const int64_t i = i0 + r;
-        for (int x = 0; x < kV; ++x) vec::store(s + x * vec::kW, vec::load(s + x * vec::kW) * p.scale);
-        // Mask before pse: compressed alibi is only defined (and only readable) on kept positions.
-        if (cls == TileClass::Partial)
-          for (int64_t c = 0; c < cols; ++c)
-            if (p.mask.masked(b, n, i, j0 + c)) s[c] = -INFINITY;
-        if (has_pse)
-          for (int64_t c = 0; c < cols; ++c)
-            if (s[c] != -INFINITY) s[c] += p.pse.mul * pse_at<T>(p.pse, sp, b, n, i, j0 + c);
-        for (int64_t c = cols; c < kBk; ++c) s[c] = -INFINITY;
+        finish_score_row<T>(p, sp, b, n, i, j0, cols, cls, s);
         vec::vf mv = vec::load(s);
         for (int x = 1; x < kV; ++x) mv = vec::vmax(mv, vec::load(s + x * vec::kW));
         const float mx = vec::hmax(mv);

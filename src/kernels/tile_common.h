@@ -3,9 +3,11 @@
 #pragma once
 #include <algorithm>
 #include <array>
+#include <cmath>
 #include <cstdint>
 
 #include "core/convert.h"
+#include "kernels/pse.h"
 #include "kernels/vec.h"
 #include "npufa/dropout.h"
 #include "problem/attn_problem.h"
@@ -151,6 +153,32 @@ NPUFA_INLINE void store_rows(const Acc4& a, int64_t b, int64_t n, int64_t off, i
     const int64_t o = a.at(b, n, off + r, 0);
     for (int64_t x = 0; x < w; ++x) base[o + x * a.sd] = from_f32<T>(src[r * ld + c0 + x] * mul);
   }
+}
+
+// One row of scores, in place: s = qk·scale, masked -> -inf, + pse·mul on kept positions (mask
+// first: compressed alibi is only defined, and only readable, there), padding columns -> -inf.
+template <DType T>
+NPUFA_INLINE void finish_score_row(const AttnProblem& p, const SeqSpan& sp, int64_t b, int64_t n, int64_t i,
+                                   int64_t j0, int64_t cols, TileClass cls, float* s) {
+  constexpr int kV = kBk / vec::kW;
+  for (int x = 0; x < kV; ++x) vec::store(s + x * vec::kW, vec::load(s + x * vec::kW) * p.scale);
+  if (cls == TileClass::Partial)
+    for (int64_t c = 0; c < cols; ++c)
+      if (p.mask.masked(b, n, i, j0 + c)) s[c] = -INFINITY;
+  if (p.pse.kind != PseSpec::Kind::None)
+    for (int64_t c = 0; c < cols; ++c)
+      if (s[c] != -INFINITY) s[c] += p.pse.mul * pse_at<T>(p.pse, sp, b, n, i, j0 + c);
+  for (int64_t c = cols; c < kBk; ++c) s[c] = -INFINITY;
+}
+
+// Keys any of rows [i0, i0 + rows) can see lie in [*lo, *hi) (bands are monotone in the row).
+inline void tile_key_range(const AttnProblem& p, int64_t b, int64_t i0, int64_t rows, int64_t* lo, int64_t* hi) {
+  const int64_t skv = p.seqs[static_cast<size_t>(b)].kv_len;
+  int64_t l0, h0, l1, h1;
+  p.mask.row_range(b, i0, skv, &l0, &h0);
+  p.mask.row_range(b, i0 + rows - 1, skv, &l1, &h1);
+  *lo = std::min(l0, l1);
+  *hi = std::max(h0, h1);
 }
 
 // Transposes a [kBk][kBk] tile (rows, cols valid) into dst.

@@ -39,14 +39,6 @@ def tnd(lq, lkv, Nq=4, Nkv=2, D=16, Dv=16, dtype=F32, Tq=None, Tkv=None):
     return t(Tq, Nq, D, dtype=dtype), t(Tkv, Nkv, D, dtype=dtype), t(Tkv, Nkv, Dv, dtype=dtype)
 
 
-def cum(lengths):
-    out, s = [], 0
-    for x in lengths:
-        s += x
-        out.append(s)
-    return out
-
-
 Q, K, V = bnsd()  # B=2, Nq=4, Nkv=2, Sq=8, Skv=10, D=Dv=16
 TQ, TK, TV = tnd([3, 5], [4, 6])
 TKW = dict(actual_seq_qlen=[3, 8], actual_seq_kvlen=[4, 10])

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 import npufa
+from attn_helpers import rnd
 from npufa import reference as ref
 
 F32, F16, BF16, F64 = torch.float32, torch.float16, torch.bfloat16, torch.float64
@@ -30,11 +31,6 @@ TRIU2048 = torch.triu(torch.ones(2048, 2048, dtype=torch.bool), diagonal=1)
 OP = torch.ops.npufa.npu_fusion_attention.default
 GRAD_OP = torch.ops.npufa.npu_fusion_attention_grad.default
 REPO = pathlib.Path(__file__).resolve().parents[2]
-
-
-def rnd(shape, dtype=F32, seed=0, scale=1.0):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(*shape, generator=g, dtype=F64) * scale).to(dtype)
 
 
 # ------------------------------------------------------------------------------------------------

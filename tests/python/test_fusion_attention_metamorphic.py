@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import npufa
+from attn_helpers import cum, rbool, rnd
 
 F32, F16, BF16, F64 = torch.float32, torch.float16, torch.bfloat16, torch.float64
 FLT_MAX = 3.4028234663852886e38
@@ -19,27 +20,9 @@ TRIU2048 = torch.triu(torch.ones(2048, 2048, dtype=torch.bool), diagonal=1)
 fa = npufa.npu_fusion_attention
 
 
-def rnd(shape, dtype=F32, seed=0, scale=1.0):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(*shape, generator=g, dtype=F64) * scale).to(dtype)
-
-
-def rbool(shape, p, seed):
-    g = torch.Generator().manual_seed(seed)
-    return torch.rand(*shape, generator=g) < p
-
-
 def bnsd(B, Nq, Nkv, Sq, Skv, D, Dv, dtype=F32, seed=0):
     return rnd((B, Nq, Sq, D), dtype, seed), rnd((B, Nkv, Skv, D), dtype, seed + 1), rnd((B, Nkv, Skv, Dv), dtype,
                                                                                          seed + 2)
-
-
-def cum(lengths):
-    out, s = [], 0
-    for x in lengths:
-        s += x
-        out.append(s)
-    return out
 
 
 def same(a, b, tight=True):
