@@ -176,3 +176,23 @@ def test_v2_errors():
     q, k, v = rnd((1, 2, 9, 8), 1), rnd((1, 2, 12, 8), 2), rnd((1, 2, 12, 8), 3)
     with pytest.raises(ValueError, match=r"pse_type 2 needs Sq == Skv, got Sq = 9, Skv = 12"):
         npufa.npu_fusion_attention_v2(q, k, v, 2, "BNSD", pse=rnd((2,), 1), pse_type=2)
+
+
+def test_v2_slopes_tnd_mode8_start_idx_only_batch0():
+    """TND sparse_mode 8 with pse_type 2: q/kv_start_idx shift batch 0 only (§3.2), others use 0/0."""
+    # lengths q [5, 7, 6], kv [7, 7, 6]: Sq_0 - Skv_0 + q_start - kv_start == 0 with q_start=2, kv_start=0
+    N = 2
+    q, k, v = rnd((18, N, 8), 1), rnd((20, N, 8), 2), rnd((20, N, 8), 3)
+    cq, ck = [5, 12, 18], [7, 14, 20]
+    kw = dict(actual_seq_qlen=cq, actual_seq_kvlen=ck, atten_mask=CAUSAL, sparse_mode=8, pre_tokens=7,
+              next_tokens=2, pse=rnd((N,), 4).abs(), pse_type=2, q_start_idx=[2], kv_start_idx=[0], scale=0.4)
+    out = npufa.npu_fusion_attention_v2(q, k, v, N, "TND", **kw)
+    gold = ref.npu_fusion_attention_v2(q.double(), k.double(), v.double(), N, "TND", **kw)
+    torch.testing.assert_close(out[0].double(), gold[0], rtol=1e-4, atol=2e-5)
+    # batch 1 alone (as batch 0 of its own call with start indices 0) gives the same rows
+    one = npufa.npu_fusion_attention_v2(q[5:12], k[7:14], v[7:14], N, "TND", actual_seq_qlen=[7],
+                                        actual_seq_kvlen=[7], atten_mask=CAUSAL, sparse_mode=2,
+                                        pse=kw["pse"], pse_type=2, scale=0.4)
+    torch.testing.assert_close(out[0][5:12], one[0], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match=r"sparse_mode 8 needs Sq_0 - Skv_0 \+ q_start_idx - kv_start_idx == 0"):
+        npufa.npu_fusion_attention_v2(q, k, v, N, "TND", **{**kw, "q_start_idx": [1]})
