@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import npufa
+from attn_helpers import to_layout
 from npufa import reference as ref
 
 CAUSAL = torch.triu(torch.ones(2048, 2048, dtype=torch.bool), 1)
@@ -11,19 +12,6 @@ CAUSAL = torch.triu(torch.ones(2048, 2048, dtype=torch.bool), 1)
 
 def rnd(shape, seed, dtype=torch.float32):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
-
-
-def to_layout(x, layout):
-    b, n, s, d = x.shape
-    if layout == "BNSD":
-        return x
-    if layout == "BSND":
-        return x.transpose(1, 2).contiguous()
-    if layout == "BSH":
-        return x.transpose(1, 2).reshape(b, s, n * d)
-    if layout == "SBH":
-        return x.permute(2, 0, 1, 3).reshape(s, b, n * d)
-    raise ValueError(layout)
 
 
 def make_case(layout, B, N, Nkv, S, D, Dv, Dr, seed):
