@@ -261,16 +261,11 @@ void flash_backward(const AttnProblem& p, const BwdIO& io) {
   };
 
   // Pass 1 items: (b, nk, key tile).
-  std::vector<int64_t> kv_start(static_cast<size_t>(p.B) + 1, 0);
-  for (int64_t b = 0; b < p.B; ++b)
-    kv_start[static_cast<size_t>(b) + 1] =
-        kv_start[static_cast<size_t>(b)] + (p.seqs[static_cast<size_t>(b)].kv_len + kBk - 1) / kBk * p.Nkv;
+  const ItemGrid kv_grid(p, true, p.Nkv, kBk);
   const auto kv_fn = isa_entry<KvItem, const Shared*, int64_t, int64_t, int64_t, BwdScratch*>(p.dtype);
-  parallel_for(kv_start.back(), nthreads, [&](int64_t it, int tid) {
-    const int64_t b = std::upper_bound(kv_start.begin(), kv_start.end(), it) - kv_start.begin() - 1;
-    const int64_t tiles = (p.seqs[static_cast<size_t>(b)].kv_len + kBk - 1) / kBk;
-    const int64_t local = it - kv_start[static_cast<size_t>(b)];
-    kv_fn(&sh, b, local / tiles, (local % tiles) * kBk, &scratch_for(tid));
+  parallel_for(kv_grid.size(), nthreads, [&](int64_t it, int tid) {
+    const ItemGrid::Item item = kv_grid.at(it);
+    kv_fn(&sh, item.b, item.head, item.row0, &scratch_for(tid));
   });
 
   // Pass 2 items: (b, n, query tile). Results must not depend on scheduling or thread count:
@@ -287,18 +282,13 @@ void flash_backward(const AttnProblem& p, const BwdIO& io) {
     sh.dpse_parts.assign(sh.dpse_shared ? 1 : static_cast<size_t>(kDpseSlots),
                          std::vector<float>(static_cast<size_t>(io.dpse_numel), 0.f));
   }
-  std::vector<int64_t> q_start(static_cast<size_t>(p.B) + 1, 0);
-  for (int64_t b = 0; b < p.B; ++b)
-    q_start[static_cast<size_t>(b) + 1] =
-        q_start[static_cast<size_t>(b)] + (p.seqs[static_cast<size_t>(b)].q_len + kBq - 1) / kBq * p.Nq;
-  const int64_t items = q_start.back();
+  const ItemGrid q_grid(p, false, p.Nq, kBq);
+  const int64_t items = q_grid.size();
   std::vector<double> dsink_items(static_cast<size_t>(items), 0.0);
   const auto q_fn = isa_entry<QItem, const Shared*, int64_t, int64_t, int64_t, BwdScratch*, int, double*>(p.dtype);
   auto run_item = [&](int64_t it, int tid, int part) {
-    const int64_t b = std::upper_bound(q_start.begin(), q_start.end(), it) - q_start.begin() - 1;
-    const int64_t tiles = (p.seqs[static_cast<size_t>(b)].q_len + kBq - 1) / kBq;
-    const int64_t local = it - q_start[static_cast<size_t>(b)];
-    q_fn(&sh, b, local / tiles, (local % tiles) * kBq, &scratch_for(tid), part, &dsink_items[static_cast<size_t>(it)]);
+    const ItemGrid::Item item = q_grid.at(it);
+    q_fn(&sh, item.b, item.head, item.row0, &scratch_for(tid), part, &dsink_items[static_cast<size_t>(it)]);
   };
   if (slots > 0)
     parallel_for(slots, nthreads, [&](int64_t slot, int tid) {
@@ -314,11 +304,8 @@ void flash_backward(const AttnProblem& p, const BwdIO& io) {
   }
   if (io.dsink) {
     std::vector<double> acc(static_cast<size_t>(p.Nq), 0.0);
-    for (int64_t b = 0; b < p.B; ++b) {
-      const int64_t tiles = (p.seqs[static_cast<size_t>(b)].q_len + kBq - 1) / kBq;
-      for (int64_t it = q_start[static_cast<size_t>(b)]; it < q_start[static_cast<size_t>(b) + 1]; ++it)
-        acc[static_cast<size_t>((it - q_start[static_cast<size_t>(b)]) / tiles)] += dsink_items[static_cast<size_t>(it)];
-    }
+    for (int64_t it = 0; it < items; ++it)  // item order: the same sum at any thread count
+      acc[static_cast<size_t>(q_grid.at(it).head)] += dsink_items[static_cast<size_t>(it)];
     for (int64_t n = 0; n < p.Nq; ++n) io.dsink[n] = static_cast<float>(acc[static_cast<size_t>(n)]);
   }
 }

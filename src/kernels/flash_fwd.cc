@@ -146,24 +146,16 @@ struct FwdItem {
 }  // namespace
 
 void flash_forward(const AttnProblem& p) {
-  // Items in order (b, n, tile); tile_start[b] = first item of batch b.
-  std::vector<int64_t> tile_start(static_cast<size_t>(p.B) + 1, 0);
-  for (int64_t b = 0; b < p.B; ++b) {
-    const int64_t tiles = (p.seqs[static_cast<size_t>(b)].q_len + kBq - 1) / kBq;
-    tile_start[static_cast<size_t>(b) + 1] = tile_start[static_cast<size_t>(b)] + tiles * p.Nq;
-  }
-  const int64_t items = tile_start.back();
-  if (items == 0) return;
+  const ItemGrid grid(p, false, p.Nq, kBq);
+  if (grid.size() == 0) return;
   const int nthreads = get_num_threads();  // read once: scratch and pool agree
   std::vector<Scratch> scratch(static_cast<size_t>(nthreads));
   const auto item_fn = isa_entry<FwdItem, const AttnProblem*, int64_t, int64_t, int64_t, Scratch*>(p.dtype);
-  parallel_for(items, nthreads, [&](int64_t it, int tid) {
-    const int64_t b = std::upper_bound(tile_start.begin(), tile_start.end(), it) - tile_start.begin() - 1;
-    const int64_t tiles = (p.seqs[static_cast<size_t>(b)].q_len + kBq - 1) / kBq;
-    const int64_t local = it - tile_start[static_cast<size_t>(b)];
+  parallel_for(grid.size(), nthreads, [&](int64_t it, int tid) {
+    const ItemGrid::Item item = grid.at(it);
     Scratch& sc = scratch[static_cast<size_t>(tid)];
     if (sc.q.empty()) sc.reserve(p.D + p.Dr, p.Dv);
-    item_fn(&p, b, local / tiles, (local % tiles) * kBq, &sc);
+    item_fn(&p, item.b, item.head, item.row0, &sc);
   });
 }
 

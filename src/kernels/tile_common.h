@@ -5,6 +5,7 @@
 #include <array>
 #include <cmath>
 #include <cstdint>
+#include <vector>
 
 #include "core/convert.h"
 #include "kernels/pse.h"
@@ -180,6 +181,33 @@ inline void tile_key_range(const AttnProblem& p, int64_t b, int64_t i0, int64_t 
   *lo = std::min(l0, l1);
   *hi = std::max(h0, h1);
 }
+
+// Work items (batch, head, tile) in batch order, tiles of `tile` rows over per-batch lengths
+// (query or key lengths): the shared indexing of every kernel's parallel loop.
+class ItemGrid {
+ public:
+  struct Item {
+    int64_t b, head, row0;
+  };
+  ItemGrid(const AttnProblem& p, bool over_keys, int64_t heads, int64_t tile) : tile_(tile) {
+    start_.assign(static_cast<size_t>(p.B) + 1, 0);
+    for (int64_t b = 0; b < p.B; ++b) {
+      const SeqSpan& s = p.seqs[static_cast<size_t>(b)];
+      tiles_.push_back(((over_keys ? s.kv_len : s.q_len) + tile - 1) / tile);
+      start_[static_cast<size_t>(b) + 1] = start_[static_cast<size_t>(b)] + tiles_.back() * heads;
+    }
+  }
+  int64_t size() const { return start_.back(); }
+  Item at(int64_t it) const {
+    const size_t b = static_cast<size_t>(std::upper_bound(start_.begin(), start_.end(), it) - start_.begin() - 1);
+    const int64_t local = it - start_[b];
+    return {static_cast<int64_t>(b), local / tiles_[b], (local % tiles_[b]) * tile_};
+  }
+
+ private:
+  int64_t tile_;
+  std::vector<int64_t> start_, tiles_;
+};
 
 // Transposes a [kBk][kBk] tile (rows, cols valid) into dst.
 NPUFA_INLINE void transpose_tile(const float* src, float* dst, int64_t rows, int64_t cols) {
