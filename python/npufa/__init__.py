@@ -8,6 +8,9 @@ import torch  # noqa: F401  (custom ops register against torch)
 from . import reference
 from ._fusion_attention import (npu_fusion_attention, npu_fusion_attention_grad, npu_fusion_attention_grad_v2,
                                 npu_fusion_attention_grad_v3, npu_fusion_attention_v2, npu_fusion_attention_v3)
+from ._infer_attention import (_npu_reshape_and_cache, npu_fused_infer_attention_score,
+                               npu_fused_infer_attention_score_v2, npu_incre_flash_attention,
+                               npu_prompt_flash_attention)
 from ._runtime import get_num_threads, set_num_threads
 from .dropout import _npu_dropout_gen_mask, dropout_gen_mask, dropout_mask_bytes
 
@@ -18,6 +21,11 @@ __all__ = [
     "npu_fusion_attention_grad_v2",
     "npu_fusion_attention_v3",
     "npu_fusion_attention_grad_v3",
+    "npu_prompt_flash_attention",
+    "npu_incre_flash_attention",
+    "npu_fused_infer_attention_score",
+    "npu_fused_infer_attention_score_v2",
+    "_npu_reshape_and_cache",
     "_npu_dropout_gen_mask",
     "dropout_gen_mask",
     "dropout_mask_bytes",

@@ -429,3 +429,4 @@ def npu_fusion_attention_v2(query, key, value, head_num, input_layout, *, pse=No
                                 actual_seq_qlen=actual_seq_qlen, actual_seq_kvlen=actual_seq_kvlen,
                                 sparse_mode=sparse_mode, softmax_layout=softmax_layout, sink=sink,
                                 dropout_mask=dropout_mask, seed=seed, offset=offset)
+if __package__: from .reference_infer import *  # noqa: E701,F401,F403  (skipped when loaded as a bare file)

@@ -90,6 +90,67 @@ npufa::FusionAttentionParams fwd_params(const nb::tuple& a, std::string& op) {
   return p;
 }
 
+// The inference ops' arguments by their FIA v1 names (the Python front maps PFA / IFA / v2 names),
+// from a dict; absent keys keep the C++ defaults. The op name is kept alive in `op`.
+npufa::InferAttentionParams infer_params(int kind, const nb::dict& a, std::string& op) {
+  npufa::InferAttentionParams p;
+  p.kind = static_cast<npufa::InferOp>(kind);
+  op = nb::cast<std::string>(a["op"]);
+  p.op = op.c_str();
+  auto arr = [&](const char* k, std::optional<npufa::TensorView>& dst) {
+    if (a.contains(k) && !a[k].is_none()) dst = view(nb::cast<Array>(a[k]));
+  };
+  auto lst = [&](const char* k, std::optional<std::vector<int64_t>>& dst) {
+    if (a.contains(k) && !a[k].is_none()) dst = nb::cast<std::vector<int64_t>>(a[k]);
+  };
+  auto i64 = [&](const char* k, int64_t& dst) {
+    if (a.contains(k)) dst = nb::cast<int64_t>(a[k]);
+  };
+  p.query = view(nb::cast<Array>(a["query"]));
+  p.key = view(nb::cast<Array>(a["key"]));
+  p.value = view(nb::cast<Array>(a["value"]));
+  arr("pse_shift", p.pse_shift);
+  arr("atten_mask", p.atten_mask);
+  lst("actual_seq_lengths", p.actual_seq_lengths);
+  lst("actual_seq_lengths_kv", p.actual_seq_lengths_kv);
+  arr("block_table", p.block_table);
+  arr("query_padding_size", p.query_padding_size);
+  arr("kv_padding_size", p.kv_padding_size);
+  arr("key_shared_prefix", p.key_shared_prefix);
+  arr("value_shared_prefix", p.value_shared_prefix);
+  lst("actual_shared_prefix_len", p.actual_shared_prefix_len);
+  arr("query_rope", p.query_rope);
+  arr("key_rope", p.key_rope);
+  arr("learnable_sink", p.learnable_sink);
+  arr("dequant_scale1", p.dequant_scale1);
+  arr("quant_scale1", p.quant_scale1);
+  arr("dequant_scale2", p.dequant_scale2);
+  arr("quant_scale2", p.quant_scale2);
+  arr("quant_offset2", p.quant_offset2);
+  arr("antiquant_scale", p.antiquant_scale);
+  arr("antiquant_offset", p.antiquant_offset);
+  arr("key_antiquant_scale", p.key_antiquant_scale);
+  arr("key_antiquant_offset", p.key_antiquant_offset);
+  arr("value_antiquant_scale", p.value_antiquant_scale);
+  arr("value_antiquant_offset", p.value_antiquant_offset);
+  arr("key_rope_antiquant_scale", p.key_rope_antiquant_scale);
+  arr("dequant_scale_query", p.dequant_scale_query);
+  i64("num_heads", p.num_heads);
+  if (a.contains("scale")) p.scale = nb::cast<double>(a["scale"]);
+  i64("pre_tokens", p.pre_tokens);
+  i64("next_tokens", p.next_tokens);
+  if (a.contains("input_layout")) p.input_layout = nb::cast<std::string>(a["input_layout"]);
+  i64("num_key_value_heads", p.num_key_value_heads);
+  i64("sparse_mode", p.sparse_mode);
+  i64("inner_precise", p.inner_precise);
+  i64("block_size", p.block_size);
+  i64("antiquant_mode", p.antiquant_mode);
+  i64("key_antiquant_mode", p.key_antiquant_mode);
+  i64("value_antiquant_mode", p.value_antiquant_mode);
+  if (a.contains("softmax_lse_flag")) p.softmax_lse_flag = nb::cast<bool>(a["softmax_lse_flag"]);
+  return p;
+}
+
 }  // namespace
 
 NB_MODULE(_C, m) {
@@ -173,4 +234,38 @@ NB_MODULE(_C, m) {
       nb::arg("attention_in").none(), nb::arg("numels"), nb::arg("dq"), nb::arg("dk"), nb::arg("dv"),
       nb::arg("dpse").none(), nb::arg("dsink").none(), nb::arg("dq_rope").none() = nb::none(),
       nb::arg("dk_rope").none() = nb::none());
+
+  m.def(
+      "infer_attention",
+      [](int kind, const nb::dict& args, OptArray out, OptArray lse) -> nb::object {
+        std::string op;
+        npufa::InferAttentionParams p = infer_params(kind, args, op);
+        if (!out) {  // validation only: the output shapes
+          const auto s = npufa::infer_attention_output_shapes(p);
+          return nb::cast(std::make_tuple(s.attention_out, s.softmax_lse));
+        }
+        p.attention_out = view(*out);
+        if (lse) p.softmax_lse = view(*lse);
+        nb::gil_scoped_release release;
+        npufa::infer_attention(p);
+        return nb::none();
+      },
+      nb::arg("kind"), nb::arg("args"), nb::arg("attention_out").none() = nb::none(),
+      nb::arg("softmax_lse").none() = nb::none(),
+      "PFA (kind 0), IFA (1), FIA (2), FIA v2 (3) into the given outputs; with no outputs, validates and returns "
+      "their shapes. args: a dict by FIA v1 argument names.");
+
+  m.def(
+      "reshape_and_cache",
+      [](const Array& key, const Array& value, const Array& key_cache, const Array& value_cache, const Array& slots) {
+        npufa::ReshapeAndCacheParams p;
+        p.key = view(key);
+        p.value = view(value);
+        p.key_cache = view(key_cache);
+        p.value_cache = view(value_cache);
+        p.slot_indices = view(slots);
+        nb::gil_scoped_release release;
+        npufa::reshape_and_cache(p);
+      },
+      nb::arg("key"), nb::arg("value"), nb::arg("key_cache"), nb::arg("value_cache"), nb::arg("slot_indices"));
 }

@@ -29,15 +29,6 @@ struct Scratch {
   }
 };
 
-void write_stats(const AttnProblem& p, int64_t b, int64_t n, int64_t row, float mx, float sm) {
-  float* pm = static_cast<float*>(p.smax.base) + p.smax.at(b, n, row, 0);
-  float* ps = static_cast<float*>(p.ssum.base) + p.ssum.at(b, n, row, 0);
-  for (int c = 0; c < 8; ++c) {
-    pm[c * p.smax.sd] = mx;
-    ps[c * p.ssum.sd] = sm;
-  }
-}
-
 // One work item: (batch b, query head n, query rows [i0, i0 + kBq)).
 struct FwdItem {
   template <DType T>
@@ -47,14 +38,9 @@ struct FwdItem {
     const SeqSpan& sp = p.seqs[static_cast<size_t>(b)];
     const int64_t Dqk = p.D + p.Dr, Dv = p.Dv, nk = n / p.G;
     const int64_t rows = std::min(kBq, sp.q_len - i0);
-    auto* ob = static_cast<St<T>*>(p.out.base);
 
-    if (sp.kv_len == 0) {  // empty KV: out 0, max = sum = 0 (spec §1.8)
-      for (int64_t r = 0; r < rows; ++r) {
-        const int64_t row = sp.q_off + i0 + r;
-        for (int64_t d = 0; d < Dv; ++d) ob[p.out.at(b, n, row, d)] = from_f32<T>(0.f);
-        write_stats(p, b, n, row, 0.f, 0.f);
-      }
+    if (sp.kv_len == 0) {  // empty KV (spec §1.8)
+      for (int64_t r = 0; r < rows; ++r) empty_kv_row<T>(p, b, n, sp.q_off + i0 + r);
       return;
     }
 
@@ -73,73 +59,22 @@ struct FwdItem {
 
     int64_t jlo, jhi;
     tile_key_range(p, b, i0, rows, &jlo, &jhi);
-    const bool dropout = p.dropout.kind != DropoutSpec::Kind::None;
-    alignas(64) float keep[kBk];
-    constexpr int kV = kBk / vec::kW;
-
+    const auto row_at = [n, i0](int64_t r) { return std::pair<int64_t, int64_t>{n, i0 + r}; };
     for (int64_t j0 = jlo / kBk * kBk; j0 < jhi; j0 += kBk) {
       const int64_t cols = std::min(kBk, sp.kv_len - j0);
       const TileClass cls = p.mask.classify(b, i0, i0 + rows, j0, j0 + cols);
       if (cls == TileClass::Empty) continue;
-
       // K tile transposed to [Dqk][kBk] (zero-padded), V tile to [cols][dvp], both fp32.
       load_cols_t<T>(p.k, p.D, p.kr, p.Dr, b, nk, sp.kv_off + j0, cols, Kt);
       load_rows<T>(p.v, Dv, Acc4{}, 0, b, nk, sp.kv_off + j0, cols, dvp, V);
-
       qk_tile(Q, Dqk, Kt, S, rows, Dqk);
-
-      // Scores -> unnormalised probabilities in place, online max/sum per row.
-      for (int64_t r = 0; r < rows; ++r) {
-        float* s = S + r * kBk;
-        const int64_t i = i0 + r;
-        finish_score_row<T>(p, sp, b, n, i, j0, cols, cls, s);
-        vec::vf mv = vec::load(s);
-        for (int x = 1; x < kV; ++x) mv = vec::vmax(mv, vec::load(s + x * vec::kW));
-        const float mx = vec::hmax(mv);
-        if (mx == -INFINITY) {  // nothing kept in this row of the tile
-          std::fill(s, s + kBk, 0.f);
-          continue;
-        }
-        const float m_new = std::max(M[r], mx);
-        const float alpha = std::exp(M[r] - m_new);  // 0 on the first kept tile
-        M[r] = m_new;
-        vec::vf sv = {};
-        for (int x = 0; x < kV; ++x) {
-          const vec::vf e = vec::exp(vec::load(s + x * vec::kW) - m_new);
-          sv += e;
-          vec::store(s + x * vec::kW, e);
-        }
-        L[r] = L[r] * alpha + vec::hsum(sv);
-        if (alpha != 1.f) {
-          float* o = O + r * dvp;
-          for (int64_t d = 0; d < dvp; ++d) o[d] *= alpha;
-        }
-        if (dropout) {
-          dropout_row(p, b, n, i, j0, cols, keep);
-          for (int64_t c = 0; c < cols; ++c) s[c] *= keep[c];
-        }
-        if constexpr (T != DType::F32)  // P in the input dtype before P·V, as the NPU does
-          for (int64_t c = 0; c < cols; ++c) s[c] = round_to<T>(s[c]);
-      }
+      softmax_step<T>(p, sp, b, j0, cols, cls, rows, row_at, S, O, dvp, M, L);
       pv_tile(S, V, O, rows, cols, dvp);
     }
 
+    const bool dropout = p.dropout.kind != DropoutSpec::Kind::None;
     const float inv_keep = dropout ? static_cast<float>(1.0 / p.dropout.keep_prob) : 1.f;
-    for (int64_t r = 0; r < rows; ++r) {
-      const int64_t row = sp.q_off + i0 + r;
-      const int64_t obase = p.out.at(b, n, row, 0);
-      if (M[r] == -INFINITY) {  // fully masked row: corrected always (decision 4)
-        for (int64_t d = 0; d < Dv; ++d) ob[obase + d * p.out.sd] = from_f32<T>(0.f);
-        write_stats(p, b, n, row, -FLT_MAX, FLT_MAX);
-        continue;
-      }
-      float l = L[r];
-      if (!p.sink.empty()) l += std::exp(p.sink[static_cast<size_t>(n)] - M[r]);  // the sink only widens the denominator (§1.10)
-      const float f = inv_keep / l;
-      const float* o = O + r * dvp;
-      for (int64_t d = 0; d < Dv; ++d) ob[obase + d * p.out.sd] = from_f32<T>(o[d] * f);
-      write_stats(p, b, n, row, M[r], l);
-    }
+    for (int64_t r = 0; r < rows; ++r) finish_row<T>(p, b, n, sp.q_off + i0 + r, M[r], L[r], O + r * dvp, inv_keep);
   }
 };
 

@@ -3,6 +3,7 @@
 #pragma once
 #include <algorithm>
 #include <array>
+#include <cfloat>
 #include <cmath>
 #include <cstdint>
 #include <vector>
@@ -101,13 +102,28 @@ inline void dropout_row(const AttnProblem& p, int64_t b, int64_t n, int64_t i, i
   }
 }
 
+// Element pointer of row s of head n (batch b) and its d-stride: dense, paged or shared prefix.
+template <DType T>
+struct RowRef {
+  const St<T>* p;
+  int64_t sd;
+};
+template <DType T>
+NPUFA_INLINE RowRef<T> kv_row(const Acc4& a, int64_t b, int64_t n, int64_t s) {
+  if (s < 0 && a.pbase) return {static_cast<const St<T>*>(a.pbase) + (a.plen + s) * a.pss + n * a.psn, a.psd};
+  const auto* base = static_cast<const St<T>*>(a.base);
+  if (a.table) {
+    const int64_t blk = a.table[b * a.tsb + (s / a.bs) * a.tsw];
+    return {base + blk * a.sblk + (s % a.bs) * a.ss + n * a.sn, a.sd};
+  }
+  return {base + b * a.sb + s * a.ss + n * a.sn, a.sd};
+}
+
 // Rows [off, off + rows) of head n into dst [.][ld]: columns [0, w) from a, then [w, w + wr) from
 // ar (the rope part of q/k, when wr > 0); zero-padded to whole kRb row blocks and to ld columns.
 template <DType T>
 NPUFA_INLINE void load_rows(const Acc4& a, int64_t w, const Acc4& ar, int64_t wr, int64_t b, int64_t n, int64_t off,
                             int64_t rows, int64_t ld, float* dst) {
-  const auto* base = static_cast<const St<T>*>(a.base);
-  const auto* rbase = static_cast<const St<T>*>(ar.base);
   const int64_t rows_p = (rows + kRb - 1) / kRb * kRb;
   for (int64_t r = 0; r < rows_p; ++r) {
     float* d = dst + r * ld;
@@ -115,11 +131,14 @@ NPUFA_INLINE void load_rows(const Acc4& a, int64_t w, const Acc4& ar, int64_t wr
       std::fill(d, d + ld, 0.f);
       continue;
     }
-    const int64_t o = a.at(b, n, off + r, 0);
-    for (int64_t x = 0; x < w; ++x) d[x] = to_f32<T>(base[o + x * a.sd]);
+    const RowRef<T> x0 = kv_row<T>(a, b, n, off + r);
+    if (x0.sd == 1)
+      for (int64_t x = 0; x < w; ++x) d[x] = to_f32<T>(x0.p[x]);
+    else
+      for (int64_t x = 0; x < w; ++x) d[x] = to_f32<T>(x0.p[x * x0.sd]);
     if (wr > 0) {
-      const int64_t orr = ar.at(b, n, off + r, 0);
-      for (int64_t x = 0; x < wr; ++x) d[w + x] = to_f32<T>(rbase[orr + x * ar.sd]);
+      const RowRef<T> xr = kv_row<T>(ar, b, n, off + r);
+      for (int64_t x = 0; x < wr; ++x) d[w + x] = to_f32<T>(xr.p[x * xr.sd]);
     }
     std::fill(d + w + wr, d + ld, 0.f);
   }
@@ -129,18 +148,16 @@ NPUFA_INLINE void load_rows(const Acc4& a, int64_t w, const Acc4& ar, int64_t wr
 template <DType T>
 NPUFA_INLINE void load_cols_t(const Acc4& a, int64_t w, const Acc4& ar, int64_t wr, int64_t b, int64_t n,
                               int64_t off, int64_t cols, float* dst) {
-  const auto* base = static_cast<const St<T>*>(a.base);
-  const auto* rbase = static_cast<const St<T>*>(ar.base);
   for (int64_t c = 0; c < kBk; ++c) {
     if (c >= cols) {
       for (int64_t x = 0; x < w + wr; ++x) dst[x * kBk + c] = 0.f;
       continue;
     }
-    const int64_t o = a.at(b, n, off + c, 0);
-    for (int64_t x = 0; x < w; ++x) dst[x * kBk + c] = to_f32<T>(base[o + x * a.sd]);
+    const RowRef<T> x0 = kv_row<T>(a, b, n, off + c);
+    for (int64_t x = 0; x < w; ++x) dst[x * kBk + c] = to_f32<T>(x0.p[x * x0.sd]);
     if (wr > 0) {
-      const int64_t orr = ar.at(b, n, off + c, 0);
-      for (int64_t x = 0; x < wr; ++x) dst[(w + x) * kBk + c] = to_f32<T>(rbase[orr + x * ar.sd]);
+      const RowRef<T> xr = kv_row<T>(ar, b, n, off + c);
+      for (int64_t x = 0; x < wr; ++x) dst[(w + x) * kBk + c] = to_f32<T>(xr.p[x * xr.sd]);
     }
   }
 }
@@ -170,6 +187,91 @@ NPUFA_INLINE void finish_score_row(const AttnProblem& p, const SeqSpan& sp, int6
     for (int64_t c = 0; c < cols; ++c)
       if (s[c] != -INFINITY) s[c] += p.pse.mul * pse_at<T>(p.pse, sp, b, n, i, j0 + c);
   for (int64_t c = cols; c < kBk; ++c) s[c] = -INFINITY;
+}
+
+// One key tile [j0, j0 + cols) for `rows` rows whose scores qk are in S (row stride kBk): scores
+// become unnormalised probabilities in place (rounded to the input dtype, as the NPU does before
+// P·V), the running max M and sum L are updated and O (row stride dvp) is rescaled. Row r is query
+// row i of head n with {n, i} = row_at(r).
+template <DType T, class RowAt>
+NPUFA_INLINE void softmax_step(const AttnProblem& p, const SeqSpan& sp, int64_t b, int64_t j0, int64_t cols,
+                               TileClass cls, int64_t rows, RowAt row_at, float* S, float* O, int64_t dvp, float* M,
+                               float* L) {
+  constexpr int kV = kBk / vec::kW;
+  const bool dropout = p.dropout.kind != DropoutSpec::Kind::None;
+  alignas(64) float keep[kBk];
+  for (int64_t r = 0; r < rows; ++r) {
+    float* s = S + r * kBk;
+    const auto [n, i] = row_at(r);
+    finish_score_row<T>(p, sp, b, n, i, j0, cols, cls, s);
+    vec::vf mv = vec::load(s);
+    for (int x = 1; x < kV; ++x) mv = vec::vmax(mv, vec::load(s + x * vec::kW));
+    const float mx = vec::hmax(mv);
+    if (mx == -INFINITY) {  // nothing kept in this row of the tile
+      std::fill(s, s + kBk, 0.f);
+      continue;
+    }
+    const float m_new = std::max(M[r], mx);
+    const float alpha = std::exp(M[r] - m_new);  // 0 on the first kept tile
+    M[r] = m_new;
+    vec::vf sv = {};
+    for (int x = 0; x < kV; ++x) {
+      const vec::vf e = vec::exp(vec::load(s + x * vec::kW) - m_new);
+      sv += e;
+      vec::store(s + x * vec::kW, e);
+    }
+    L[r] = L[r] * alpha + vec::hsum(sv);
+    if (alpha != 1.f) {
+      float* o = O + r * dvp;
+      for (int64_t d = 0; d < dvp; ++d) o[d] *= alpha;
+    }
+    if (dropout) {
+      dropout_row(p, b, n, i, j0, cols, keep);
+      for (int64_t c = 0; c < cols; ++c) s[c] *= keep[c];
+    }
+    if constexpr (T != DType::F32)
+      for (int64_t c = 0; c < cols; ++c) s[c] = round_to<T>(s[c]);
+  }
+}
+
+// Training statistics (8 copies) and the inference lse of one row, for whichever the problem has.
+inline void write_row_stats(const AttnProblem& p, int64_t b, int64_t n, int64_t row, float mx, float sm, float lse) {
+  if (p.smax.base) {
+    float* pm = static_cast<float*>(p.smax.base) + p.smax.at(b, n, row, 0);
+    float* ps = static_cast<float*>(p.ssum.base) + p.ssum.at(b, n, row, 0);
+    for (int c = 0; c < 8; ++c) {
+      pm[c * p.smax.sd] = mx;
+      ps[c * p.ssum.sd] = sm;
+    }
+  }
+  if (p.lse.base) static_cast<float*>(p.lse.base)[p.lse.at(b, n, row, 0)] = lse;
+}
+
+// Output row `row` (absolute) of head n from the running max m, sum l and unnormalised o:
+// out = o·mul / (l + sink term). A row that kept nothing is 0 with max -FLT_MAX, sum +FLT_MAX and
+// lse -FLT_MAX, always (decision 4).
+template <DType T>
+NPUFA_INLINE void finish_row(const AttnProblem& p, int64_t b, int64_t n, int64_t row, float m, float l, const float* o,
+                             float mul) {
+  auto* ob = static_cast<St<T>*>(p.out.base);
+  const int64_t obase = p.out.at(b, n, row, 0);
+  if (m == -INFINITY) {
+    for (int64_t d = 0; d < p.Dv; ++d) ob[obase + d * p.out.sd] = from_f32<T>(0.f);
+    write_row_stats(p, b, n, row, -FLT_MAX, FLT_MAX, -FLT_MAX);
+    return;
+  }
+  if (!p.sink.empty()) l += std::exp(p.sink[static_cast<size_t>(n)] - m);  // the sink only widens the denominator (§1.10)
+  const float f = mul / l;
+  for (int64_t d = 0; d < p.Dv; ++d) ob[obase + d * p.out.sd] = from_f32<T>(o[d] * f);
+  write_row_stats(p, b, n, row, m, l, m + std::log(l));
+}
+
+// Output rows of a batch with no key at all: 0; training stats 0 (spec §1.8), lse -FLT_MAX.
+template <DType T>
+NPUFA_INLINE void empty_kv_row(const AttnProblem& p, int64_t b, int64_t n, int64_t row) {
+  auto* ob = static_cast<St<T>*>(p.out.base);
+  for (int64_t d = 0; d < p.Dv; ++d) ob[p.out.at(b, n, row, d)] = from_f32<T>(0.f);
+  write_row_stats(p, b, n, row, 0.f, 0.f, -FLT_MAX);
 }
 
 // Keys any of rows [i0, i0 + rows) can see lie in [*lo, *hi) (bands are monotone in the row).

@@ -11,9 +11,18 @@ namespace npufa {
 
 // Element (b, n, s, d) of a [B, N, S, D]-like tensor, any layout:
 // base + b*sb + (off_b + s)*ss + n*sn + d*sd, with off_b the batch's row offset (TND) or 0.
+// K/V sources of inference (read through tile::kv_row only) add two ways a row can live elsewhere:
+// - paged: row s of batch b is row s % bs of block table[b * tsb + s / bs]; the block starts at
+//   base + block * sblk (sb unused);
+// - shared prefix: rows s < 0 are row plen + s of the batch-independent prefix tensor pbase
+//   (strides pss, psn, psd).
 struct Acc4 {
   void* base = nullptr;
   int64_t sb = 0, sn = 0, ss = 0, sd = 1;
+  const int32_t* table = nullptr;
+  int64_t tsb = 0, tsw = 1, bs = 1, sblk = 0;
+  const void* pbase = nullptr;
+  int64_t plen = 0, pss = 0, psn = 0, psd = 1;
   int64_t at(int64_t b, int64_t n, int64_t s, int64_t d) const { return b * sb + n * sn + s * ss + d * sd; }
 };
 
@@ -55,6 +64,7 @@ struct AttnProblem {
   Acc4 qr, kr;  // query_rope / key_rope when Dr > 0
   // Softmax stats: 8 consecutive fp32 copies at stat.at(b, n, off + s, 0).
   Acc4 smax, ssum;
+  Acc4 lse;  // inference softmax_lse: one fp32 per (b, n, s) when base != nullptr
   float scale = 1.0f;
   PseSpec pse;
   MaskSpec mask;

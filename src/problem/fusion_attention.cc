@@ -9,6 +9,7 @@
 
 #include "npufa/dropout.h"
 #include "npufa/error.h"
+#include "problem/checks.h"
 
 namespace npufa {
 namespace {
@@ -120,26 +121,6 @@ FusionAttentionShapes output_shapes(Layout layout, const Dims& d) {
   s.softmax_max = layout == Layout::TND ? std::vector<int64_t>{d.Sq, d.Nq, 8} : std::vector<int64_t>{d.B, d.Nq, d.Sq, 8};
   s.softmax_sum = s.softmax_max;
   return s;
-}
-
-// Cumulative lengths (spec §2.6): non-decreasing up to a run of trailing zeros, within T.
-void check_cumulative(const char* kOp, const std::vector<int64_t>& c, const char* name, int64_t T, const char* tname) {
-  size_t last = 0;
-  bool any = false;
-  for (size_t i = 0; i < c.size(); ++i) {
-    if (c[i] < 0) fail(kOp, ": ", name, " must hold non-negative cumulative lengths, got ", list_str(c));
-    if (c[i] != 0) {
-      last = i;
-      any = true;
-    }
-  }
-  for (size_t i = 1; any && i <= last; ++i)
-    if (c[i] < c[i - 1])
-      fail(kOp, ": ", name, " must be cumulative (non-decreasing; only trailing zeros may follow), got ", list_str(c),
-           " (element ", i, " = ", c[i], " < element ", i - 1, " = ", c[i - 1], ")");
-  if (any && c[last] > T)
-    fail(kOp, ": ", name, " must not go beyond the ", tname, " tokens, got total ", c[last], " > T = ", T, " (",
-         list_str(c), ")");
 }
 
 // Canonical per-batch bands for sparse modes 0–8 (spec §1.6 table and notes).
@@ -443,11 +424,6 @@ void build_pse(const FusionAttentionParams& p, Layout layout, const Dims& d, Att
   if ((t.size(2) != S1 && t.size(2) != 1) || t.size(3) != S2) bad();
   if (t.size(2) == 1) ps.si = 0;
   ps.kind = PseSpec::Kind::Dense;
-}
-
-void check_tensor(const char* op, const TensorView& t, const char* name, DType dt, const std::vector<int64_t>& shape) {
-  if (t.dtype != dt) fail<TypeError>(op, ": ", name, " must be ", dtype_name(dt), ", got ", dtype_name(t.dtype));
-  if (t.shape != shape) fail(op, ": ", name, " must have shape ", shape_str(shape), ", got ", shape_str(t.shape));
 }
 
 // Softmax statistics [B, Nq, Sq, 8] or [Tq, Nq, 8] (N-major data unless softmax_layout "TND", §2.3).
