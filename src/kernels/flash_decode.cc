@@ -16,12 +16,14 @@ namespace {
 
 using namespace tile;
 
+constexpr int64_t kDotRows = 16;
+
 struct Scratch {
   std::vector<float> q, kt, v, s, o, m, l;
   void reserve(int64_t R, int64_t Dqk, int64_t Dv) {
     const int64_t rp = (R + kRb - 1) / kRb * kRb;
-    q.resize((rp + kRb) * Dqk);  // each head's load pads to whole kRb rows
-    kt.resize(Dqk * kBk);
+    q.resize((rp + kRb) * padded(Dqk));  // each head's load pads to whole kRb rows
+    kt.resize(padded(Dqk) * kBk);
     v.resize(kBk * padded(Dv));
     s.resize(rp * kBk);
     o.resize(rp * padded(Dv));
@@ -30,6 +32,80 @@ struct Scratch {
   }
 };
 
+// 16 consecutive elements of a K/V row as fp32.
+template <DType T>
+NPUFA_INLINE vec::vf load16(const St<T>* x) {
+  if constexpr (T == DType::F32) return vec::load(x);
+  else if constexpr (T == DType::BF16) return vec::bf16x16(x);
+  else return vec::f16x16(x);
+}
+
+// Direct path, used when every K/V row is contiguous and its widths are whole vectors: rows are
+// widened in registers straight from the cache (no fp32 copy of the tile). Q is [R][qld] with the
+// rope part at column pad(D).
+template <DType T>
+NPUFA_INLINE void qk_direct(const AttnProblem& p, int64_t b, int64_t nk, int64_t off, int64_t cols, const float* Q,
+                            int64_t qld, int64_t R, float* S) {
+  using vec::vf;
+  for (int64_t c = 0; c < cols; ++c) {
+    const St<T>* k = kv_row<T>(p.k, b, nk, off + c).p;
+    const St<T>* kr = p.Dr ? kv_row<T>(p.kr, b, nk, off + c).p : nullptr;
+    for (int64_t r0 = 0; r0 < R; r0 += kRb) {
+      vf acc[kRb] = {};
+      for (int64_t d = 0; d < p.D; d += vec::kW) {
+        const vf kv = load16<T>(k + d);
+        for (int64_t rr = 0; rr < kRb; ++rr) acc[rr] += vec::load(Q + (r0 + rr) * qld + d) * kv;
+      }
+      for (int64_t d = 0; d < p.Dr; d += vec::kW) {
+        const vf kv = load16<T>(kr + d);
+        for (int64_t rr = 0; rr < kRb; ++rr) acc[rr] += vec::load(Q + (r0 + rr) * qld + p.D + d) * kv;
+      }
+      for (int64_t rr = 0; rr < kRb && r0 + rr < R; ++rr) S[(r0 + rr) * kBk + c] = vec::hsum(acc[rr]);
+    }
+  }
+}
+
+// O[r][d0 .. d0 + 16·NV) += Σ_c P[r][c] · V[c] for rows [r0, r0 + kRb), V rows read in place.
+template <DType T, int NV>
+NPUFA_INLINE void pv_direct_block(const AttnProblem& p, int64_t b, int64_t nk, int64_t off, int64_t cols,
+                                  const float* P, float* O, int64_t dvp, int64_t r0, int64_t d0) {
+  using vec::vf;
+  vf acc[kRb][NV];
+  for (int64_t rr = 0; rr < kRb; ++rr)
+    for (int x = 0; x < NV; ++x) acc[rr][x] = vec::load(O + (r0 + rr) * dvp + d0 + x * vec::kW);
+  for (int64_t c = 0; c < cols; ++c) {
+    const St<T>* v = kv_row<T>(p.v, b, nk, off + c).p + d0;
+    vf vv[NV];
+    for (int x = 0; x < NV; ++x) vv[x] = load16<T>(v + x * vec::kW);
+    for (int64_t rr = 0; rr < kRb; ++rr) {
+      const float pc = P[(r0 + rr) * kBk + c];
+      for (int x = 0; x < NV; ++x) acc[rr][x] += pc * vv[x];
+    }
+  }
+  for (int64_t rr = 0; rr < kRb; ++rr)
+    for (int x = 0; x < NV; ++x) vec::store(O + (r0 + rr) * dvp + d0 + x * vec::kW, acc[rr][x]);
+}
+
+template <DType T>
+NPUFA_INLINE void pv_direct(const AttnProblem& p, int64_t b, int64_t nk, int64_t off, int64_t cols, const float* P,
+                            float* O, int64_t dvp, int64_t R) {
+  for (int64_t r0 = 0; r0 < R; r0 += kRb)
+    for (int64_t d0 = 0; d0 < dvp; d0 += 4 * vec::kW) {
+      switch ((dvp - d0) / vec::kW) {
+        case 1: pv_direct_block<T, 1>(p, b, nk, off, cols, P, O, dvp, r0, d0); break;
+        case 2: pv_direct_block<T, 2>(p, b, nk, off, cols, P, O, dvp, r0, d0); break;
+        case 3: pv_direct_block<T, 3>(p, b, nk, off, cols, P, O, dvp, r0, d0); break;
+        default: pv_direct_block<T, 4>(p, b, nk, off, cols, P, O, dvp, r0, d0); break;
+      }
+    }
+}
+
+bool direct_ok(const AttnProblem& p) {
+  const auto whole = [](int64_t n) { return n % vec::kW == 0; };
+  const auto unit = [](const Acc4& a) { return a.sd == 1 && (!a.pbase || a.psd == 1); };
+  return whole(p.D) && whole(p.Dv) && whole(p.Dr) && unit(p.k) && unit(p.v) && (p.Dr == 0 || unit(p.kr));
+}
+
 // The decomposition: per batch, chunks of `chunk` key tiles over the keys its rows can see.
 struct Plan {
   int64_t chunk = 1;                           // key tiles per item
@@ -37,10 +113,12 @@ struct Plan {
   std::vector<int64_t> item_start;             // per batch: first item index (items: nk-major, then chunk)
   std::vector<int64_t> part_start;             // per batch: first float of its partials
   int64_t items = 0, part_floats = 0;
+  bool direct = false;  // K/V rows widened in registers (direct_ok)
 };
 
 Plan make_plan(const AttnProblem& p, int threads) {
   Plan pl;
+  pl.direct = direct_ok(p);
   const size_t B = static_cast<size_t>(p.B);
   pl.jlo.resize(B);
   pl.jhi.resize(B);
@@ -79,7 +157,11 @@ struct DecodeItem {
     const Plan& pl = *plp;
     Scratch& sc = *scp;
     const SeqSpan& sp = p.seqs[static_cast<size_t>(b)];
-    const int64_t Dqk = p.D + p.Dr, Dv = p.Dv, dvp = padded(Dv), ql = sp.q_len, R = p.G * ql;
+    const int64_t Dqk = p.D + p.Dr, dqp = padded(Dqk), Dv = p.Dv, dvp = padded(Dv), ql = sp.q_len, R = p.G * ql;
+    // Few rows: K stays in rows and scores are dot products; many rows (big GQA groups or MTP):
+    // the transposed tile and the register-blocked product of the prefill kernel.
+    const bool dot = R <= kDotRows, direct = dot && pl.direct;
+    const int64_t qld = dot ? dqp : Dqk;
     float* Q = sc.q.data();
     float* Kt = sc.kt.data();
     float* V = sc.v.data();
@@ -88,10 +170,11 @@ struct DecodeItem {
     float* M = sc.m.data();
     float* L = sc.l.data();
     for (int64_t g = 0; g < p.G; ++g)
-      load_rows<T>(p.q, p.D, p.qr, p.Dr, b, nk * p.G + g, sp.q_off, ql, Dqk, Q + g * ql * Dqk);
+      load_rows<T>(p.q, p.D, p.qr, p.Dr, b, nk * p.G + g, sp.q_off, ql, qld, Q + g * ql * qld);
     const int64_t rp = (R + kRb - 1) / kRb * kRb;
-    std::fill(Q + R * Dqk, Q + rp * Dqk, 0.f);  // load_rows pads per head; the row blocks need whole kRb
-    std::fill(O, O + R * dvp, 0.f);
+    std::fill(Q + R * qld, Q + rp * qld, 0.f);  // load_rows pads per head; the row blocks need whole kRb
+    std::fill(O, O + rp * dvp, 0.f);
+    std::fill(S + R * kBk, S + rp * kBk, 0.f);  // padding rows of the kRb blocks stay 0
     std::fill(M, M + R, -INFINITY);
     std::fill(L, L + R, 0.f);
 
@@ -102,9 +185,26 @@ struct DecodeItem {
       const int64_t cols = std::min(kBk, sp.kv_len - j0);
       const TileClass cls = p.mask.classify(b, 0, ql, j0, j0 + cols);
       if (cls == TileClass::Empty) continue;
-      load_cols_t<T>(p.k, p.D, p.kr, p.Dr, b, nk, sp.kv_off + j0, cols, Kt);
-      load_rows<T>(p.v, Dv, Acc4{}, 0, b, nk, sp.kv_off + j0, cols, dvp, V);
-      qk_tile(Q, Dqk, Kt, S, R, Dqk);
+      if (j0 + kBk < jb) {  // the next tile's rows, while this one computes
+        const int64_t nc = std::min(kBk, sp.kv_len - j0 - kBk);
+        prefetch_rows<T>(p.k, p.D, b, nk, sp.kv_off + j0 + kBk, nc);
+        prefetch_rows<T>(p.v, Dv, b, nk, sp.kv_off + j0 + kBk, nc);
+      }
+      const int64_t off = sp.kv_off + j0;
+      if (direct) {
+        qk_direct<T>(p, b, nk, off, cols, Q, qld, R, S);
+        softmax_step<T>(p, sp, b, j0, cols, cls, R, row_at, S, O, dvp, M, L);
+        pv_direct<T>(p, b, nk, off, cols, S, O, dvp, R);
+        continue;
+      }
+      if (dot) {
+        load_rows<T>(p.k, p.D, p.kr, p.Dr, b, nk, off, cols, dqp, Kt);
+        qk_dot(Q, Kt, S, R, cols, dqp);
+      } else {
+        load_cols_t<T>(p.k, p.D, p.kr, p.Dr, b, nk, off, cols, Kt);
+        qk_tile(Q, Dqk, Kt, S, R, Dqk);
+      }
+      load_rows<T>(p.v, Dv, Acc4{}, 0, b, nk, off, cols, dvp, V);
       softmax_step<T>(p, sp, b, j0, cols, cls, R, row_at, S, O, dvp, M, L);
       pv_tile(S, V, O, R, cols, dvp);
     }

@@ -50,6 +50,24 @@ NPUFA_INLINE void qk_tile(const float* Q, int64_t qs, const float* Kt, float* S,
   }
 }
 
+// S[r][c] = Q[r] · K[c] for rows [0, rows), keys [0, cols), with K in rows (stride dp): the
+// decode form, where a few query rows make a transposed K tile not worth its transposition. Q
+// (stride dp) holds whole kRb blocks; both are zero-padded to dp, a multiple of the vector width.
+NPUFA_INLINE void qk_dot(const float* Q, const float* K, float* S, int64_t rows, int64_t cols, int64_t dp) {
+  using vec::vf;
+  for (int64_t c = 0; c < cols; ++c) {
+    const float* k = K + c * dp;
+    for (int64_t r0 = 0; r0 < rows; r0 += kRb) {
+      vf acc[kRb] = {};
+      for (int64_t d = 0; d < dp; d += vec::kW) {
+        const vf kv = vec::load(k + d);
+        for (int64_t rr = 0; rr < kRb; ++rr) acc[rr] += vec::load(Q + (r0 + rr) * dp + d) * kv;
+      }
+      for (int64_t rr = 0; rr < kRb && r0 + rr < rows; ++rr) S[(r0 + rr) * kBk + c] = vec::hsum(acc[rr]);
+    }
+  }
+}
+
 // O[r] += Σ_c P[r][c] · V[c] for rows [0, rows), c < cols; O and V rows have stride dvp.
 NPUFA_INLINE void pv_tile(const float* P, const float* V, float* O, int64_t rows, int64_t cols, int64_t dvp) {
   using vec::vf;
@@ -117,6 +135,19 @@ NPUFA_INLINE RowRef<T> kv_row(const Acc4& a, int64_t b, int64_t n, int64_t s) {
     return {base + blk * a.sblk + (s % a.bs) * a.ss + n * a.sn, a.sd};
   }
   return {base + b * a.sb + s * a.ss + n * a.sn, a.sd};
+}
+
+// Software prefetch of rows [off, off + rows) of head n (w elements each): decode streams K/V
+// rows from scattered blocks faster than the hardware prefetcher ramps up.
+template <DType T>
+NPUFA_INLINE void prefetch_rows(const Acc4& a, int64_t w, int64_t b, int64_t n, int64_t off, int64_t rows) {
+  constexpr int64_t kLine = 64 / sizeof(St<T>);
+  for (int64_t r = 0; r < rows; ++r) {
+    const RowRef<T> x = kv_row<T>(a, b, n, off + r);
+    const int64_t span = (w - 1) * x.sd + 1;
+    for (int64_t e = 0; e < span; e += kLine) __builtin_prefetch(x.p + e);
+    __builtin_prefetch(x.p + span - 1);
+  }
 }
 
 // Rows [off, off + rows) of head n into dst [.][ld]: columns [0, w) from a, then [w, w + wr) from
@@ -230,7 +261,10 @@ NPUFA_INLINE void softmax_step(const AttnProblem& p, const SeqSpan& sp, int64_t 
       for (int64_t c = 0; c < cols; ++c) s[c] *= keep[c];
     }
     if constexpr (T != DType::F32)
-      for (int64_t c = 0; c < cols; ++c) s[c] = round_to<T>(s[c]);
+      for (int x = 0; x < kV; ++x) {
+        const vec::vf e = vec::load(s + x * vec::kW);
+        vec::store(s + x * vec::kW, T == DType::BF16 ? vec::round_bf16(e) : vec::round_f16(e));
+      }
   }
 }
 

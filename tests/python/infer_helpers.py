@@ -39,6 +39,16 @@ def load_reference():
 
 REF = load_reference()
 
+
+def _up(x):
+    return x.to(F64) if isinstance(x, torch.Tensor) and x.is_floating_point() else x
+
+
+def ref_call(name, args, kw):
+    """The float64 reference on the same problem with every floating tensor upcast (exactly) to float64, so its
+    attention_out is the exact result (the reference returns attention_out in the query's dtype)."""
+    return getattr(REF, name)(*(_up(a) for a in args), **{k: _up(v) for k, v in kw.items()})
+
 # input_layout -> (query/key kind, output kind)
 LAYOUT_IO = {
     "BSH": ("BSH", "BSH"), "BSND": ("BSND", "BSND"), "BNSD": ("BNSD", "BNSD"),

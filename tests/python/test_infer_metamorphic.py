@@ -63,10 +63,10 @@ def test_ifa_paged_equals_contiguous(layout, cache, bs):
         agree(p, a)
     # the batch without keys is 0
     assert torch.equal(to_bnsd(p, layout, Nq)[1], torch.zeros(Nq, 1, D))
-    # negative control: two used blocks of batch 0 swapped
+    # negative control: batch 0's first block replaced by another block (keys and values change)
     bad = table.clone()
-    bad[0, 0], bad[0, 1] = table[0, 1].item(), table[0, 0].item()
-    assert differs(ifa(from_bnsd(q, layout), kp, vp, block_table=bad, block_size=bs, **kw), a)
+    bad[0, 0] = (table[0, 0].item() + 1) % kp.shape[0]
+    assert differs(ifa(from_bnsd(q, layout), kp, vp, block_table=bad, block_size=bs, **kw, **extra), p)
 
 
 @pytest.mark.parametrize("cache,bs", PAGE_CASES[:6], ids=[f"{c}-{b}" for c, b in PAGE_CASES[:6]])
@@ -84,8 +84,8 @@ def test_fia_paged_equals_contiguous(Sq, cache, bs):
     a = fia(q, k, v, key_rope=kr, **kw)
     p = fia(q, kp, vp, key_rope=krp, block_table=table, block_size=bs, **kw)
     both(p, a)
-    bad = table.clone()
-    bad[1, 0], bad[1, 1] = table[1, 1].item(), table[1, 0].item()
+    bad = table.clone()  # batch 0's first block replaced by another block
+    bad[0, 0] = (table[0, 0].item() + 1) % kp.shape[0]
     assert differs(fia(q, kp, vp, key_rope=krp, block_table=bad, block_size=bs, **kw)[0], a[0])
 
 
@@ -311,7 +311,8 @@ def test_fia_left_padding_equals_right_padding(layout, case, dtype):
               actual_seq_lengths_kv=lkv, softmax_lse_flag=True)
     kw_right = {}
     if case == "mask_pse":
-        kw.update(atten_mask=rmask((B, 1, Sq, Skv), 0.3, 65, full_rows=1), pse_shift=rnd((B, Nq, Sq, Skv), seed=66))
+        kw.update(atten_mask=rmask((B, 1, Sq, Skv), 0.3, 65, full_rows=1),
+                  pse_shift=rnd((B, Nq, Sq, Skv), dtype, seed=66))
     elif case == "mode3":
         kw.update(atten_mask=TRIU2048, sparse_mode=3)
     elif case == "mode4":
@@ -838,6 +839,15 @@ def _thread_cases():
         "ifa_paged": lambda: (ifa(q[:, :, :1].contiguous(), kp, vp, num_heads=Nq, num_key_value_heads=Nkv,
                                   input_layout="BNSD", block_table=table, block_size=16, actual_seq_lengths=lens,
                                   scale_value=0.2),),
+        "fia_decode_f32": lambda: fia(q[:, :, :1].float().contiguous(), k.float(), v.float(), num_heads=Nq,
+                                      num_key_value_heads=Nkv, input_layout="BNSD", actual_seq_lengths_kv=lens,
+                                      scale=0.2, softmax_lse_flag=True),
+        "fia_prefill_sq8_f32": lambda: fia(q[:, :, :8].float().contiguous(), k.float(), v.float(), num_heads=Nq,
+                                           num_key_value_heads=Nkv, input_layout="BNSD", actual_seq_lengths_kv=lens,
+                                           scale=0.2, softmax_lse_flag=True),
+        "pfa_sq16_f32": lambda: (pfa(q[:, :, :16].float().contiguous(), k.float(), v.float(), num_heads=Nq,
+                                     num_key_value_heads=Nkv, input_layout="BNSD", actual_seq_lengths_kv=lens,
+                                     scale_value=0.2),),
         "pfa_tnd": lambda: (pfa(pack(q, lq), pack(k, lens), pack(v, lens), num_heads=Nq, num_key_value_heads=Nkv,
                                 input_layout="TND", actual_seq_lengths=cum(lq), actual_seq_lengths_kv=cum(lens),
                                 atten_mask=TRIU2048, sparse_mode=2, scale_value=0.2),),
@@ -848,7 +858,15 @@ def _thread_cases():
     }
 
 
-@pytest.mark.parametrize("case", ["fia_prefill_bf16", "ifa_paged", "pfa_tnd", "fia2_sink_tnd"])
+THREAD_BUG = pytest.mark.xfail(strict=True, reason="BUG: with query S <= 16 (IFA, FIA decode, FIA/PFA prefill "
+                                                   "with a short query) results differ in the last bit between 1 and "
+                                                   "2+ threads (split-KV combine order depends on the thread count)")
+
+
+@pytest.mark.parametrize("case", ["fia_prefill_bf16", pytest.param("ifa_paged", marks=THREAD_BUG),
+                                  pytest.param("fia_decode_f32", marks=THREAD_BUG),
+                                  pytest.param("fia_prefill_sq8_f32", marks=THREAD_BUG),
+                                  pytest.param("pfa_sq16_f32", marks=THREAD_BUG), "pfa_tnd", "fia2_sink_tnd"])
 def test_thread_count_independent(case):
     f = _thread_cases()[case]
     results = []
@@ -860,3 +878,46 @@ def test_thread_count_independent(case):
         npufa.set_num_threads(None)
     for x, y in zip(results[0], results[1]):
         assert torch.equal(x, y), "results depend on the thread count"
+
+
+# ------------------------------------------------------------------------------------------------
+# strided (non-contiguous) inputs == contiguous copies
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("op", ["pfa", "ifa_paged", "fia_prefill", "fia2_tnd"])
+def test_noncontiguous_inputs(op):
+    B, Nq, Nkv, Sq, Skv, D = 2, 4, 2, 9, 40, 16
+    q, k, v = bnsd(B, Nq, Nkv, Sq, Skv, D, seed=210)
+    m = rmask((B, 1, Skv, Sq), 0.3, 211).transpose(2, 3)  # [B, 1, Sq, Skv] view
+    pse = rnd((1, Nq, Skv, Sq), seed=212).transpose(2, 3)
+    qn = q.transpose(1, 2).contiguous().transpose(1, 2)
+    kn = torch.cat([k, k], -1)[..., :D]
+    vn = v.transpose(2, 3).contiguous().transpose(2, 3)
+    assert not (qn.is_contiguous() or kn.is_contiguous() or vn.is_contiguous() or m.is_contiguous())
+    if op == "pfa":
+        f = lambda q, k, v, m, p: pfa(q, k, v, num_heads=Nq, num_key_value_heads=Nkv, input_layout="BNSD",
+                                      atten_mask=m, pse_shift=p, scale_value=0.3, sparse_mode=1)
+        agree(f(qn, kn, vn, m, pse), f(q, k, v, m.contiguous(), pse.contiguous()), exact=True)
+    elif op == "fia_prefill":
+        f = lambda q, k, v, m, p: fia(q, k, v, num_heads=Nq, num_key_value_heads=Nkv, input_layout="BNSD",
+                                      atten_mask=m, pse_shift=p, scale=0.3, softmax_lse_flag=True)
+        both(f(qn, kn, vn, m, pse), f(q, k, v, m.contiguous(), pse.contiguous()), exact=True)
+    elif op == "ifa_paged":
+        lens = [40, 13]
+        (kp, vp), table = make_paged([k, v], lens, 8, "BnNBsD", seed=213)
+        q1 = q[:, :, :1]
+        f = lambda q, kp, vp, t: ifa(q, kp, vp, num_heads=Nq, num_key_value_heads=Nkv, input_layout="BNSD",
+                                     block_table=t, block_size=8, actual_seq_lengths=lens)
+        tn = table.t().contiguous().t()
+        kpn = kp.transpose(0, 1).contiguous().transpose(0, 1)
+        assert not (tn.is_contiguous() or kpn.is_contiguous() or q1.is_contiguous())
+        agree(f(q1, kpn, vp, tn), f(q1.contiguous(), kp, vp, table), exact=True)
+    else:
+        lq, lkv = [9, 4], [40, 11]
+        qt, kt, vt = pack(q, lq), pack(k, lkv), pack(v, lkv)
+        sink = rnd((2 * Nq,), seed=214)[::2]
+        f = lambda q, k, v, s: fia2(q, k, v, num_query_heads=Nq, num_key_value_heads=Nkv, input_layout="TND",
+                                    actual_seq_qlen=cum(lq), actual_seq_kvlen=cum(lkv), learnable_sink=s,
+                                    return_softmax_lse=True)
+        qtn = qt.transpose(0, 1).contiguous().transpose(0, 1)
+        vtn = vt.permute(2, 1, 0).contiguous().permute(2, 1, 0)
+        both(f(qtn, kt, vtn, sink), f(qt, kt, vt, sink.contiguous()), exact=True)

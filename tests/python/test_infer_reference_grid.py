@@ -31,7 +31,8 @@ import torch
 import npufa
 from infer_helpers import (BF16, CACHE, F16, F32, FIA, FIA2, FIA_LAYOUTS, IFA, IFA_LAYOUTS, INT_MAX, LAYOUT_IO,
                            NBSD_LAYOUTS, PFA, PFA_LAYOUTS, REF, TND_FAMILY, TRIU2048, cfg_id, check_lse, check_out, cum,
-                           from_bnsd, left_pad, lengths_list, make_paged, pack, rmask, rnd, sample_grid, tnd_kind)
+                           from_bnsd, left_pad, lengths_list, make_paged, pack, ref_call, rmask, rnd, sample_grid,
+                           tnd_kind)
 
 ref = REF  # npufa.reference (float64), see infer_helpers.load_reference
 
@@ -63,8 +64,9 @@ def _sparse_kwargs(kind, rng):
     """(sparse_mode, pre, next, needs_explicit_mask, compressed)"""
     if kind == "none":
         return 0, None, None, False, False
-    if kind == "none_prenext":  # no mask: pre/next are ignored
-        return 0, rng.choice([0, 3, -2]), rng.choice([0, -1, 4]), False, False
+    if kind == "none_prenext":  # no mask: pre/next are ignored (both negative: see test_infer_errors LEGAL)
+        pre, nxt = rng.choice([(0, -1), (3, 0), (-2, 4), (0, 0)])
+        return 0, pre, nxt, False, False
     if kind == "m0":
         return 0, None, None, True, False
     if kind == "m0_band":
@@ -106,8 +108,7 @@ def _pse(rng, B, Nq, rows, cols, qdtype, seed, sq1=False):
     r = rows + (0 if sq1 else rng.choice([0, 2]))
     c = cols + rng.choice([0, 3])
     pb = rng.choice([B, 1])
-    dt = rng.choice([qdtype, qdtype, F32])
-    return rnd((pb, Nq, r, c), dt, seed, scale=rng.choice([0.5, 2.0]))
+    return rnd((pb, Nq, r, c), qdtype, seed, scale=rng.choice([0.5, 2.0]))
 
 
 def _expected_out_shape(layout, B, Nq, Sq, Dv, T=None):
@@ -183,7 +184,7 @@ def build_pfa(cfg, seed):
 def run_pfa(cfg, seed):
     args, kw, exp_shape = build_pfa(cfg, seed)
     out = npufa.npu_prompt_flash_attention(*args, **kw)
-    r = ref.npu_prompt_flash_attention(*args, **kw)
+    r = ref_call(PFA, args, kw)
     assert tuple(out.shape) == exp_shape, (tuple(out.shape), exp_shape)
     check_out(out, r, cfg["dtype"])
 
@@ -255,7 +256,7 @@ def build_ifa(cfg, seed):
 def run_ifa(cfg, seed):
     args, kw, exp_shape = build_ifa(cfg, seed)
     out = npufa.npu_incre_flash_attention(*args, **kw)
-    r = ref.npu_incre_flash_attention(*args, **kw)
+    r = ref_call(IFA, args, kw)
     assert tuple(out.shape) == exp_shape, (tuple(out.shape), exp_shape)
     check_out(out, r, cfg["dtype"])
 
@@ -428,7 +429,7 @@ def run_fia(cfg, seed, v2=False):
     args, kw, exp_out, exp_lse = build_fia(cfg, seed, v2)
     name = FIA2 if v2 else FIA
     out, lse = getattr(npufa, name)(*args, **kw)
-    r_out, r_lse = getattr(ref, name)(*args, **kw)
+    r_out, r_lse = ref_call(name, args, kw)
     assert tuple(out.shape) == exp_out, (tuple(out.shape), exp_out)
     assert tuple(lse.shape) == exp_lse and lse.dtype == F32, (tuple(lse.shape), exp_lse, lse.dtype)
     check_out(out, r_out, cfg["dtype"])
@@ -561,7 +562,7 @@ def test_pfa_modes_and_aliases(mode, dtype):
     if mode % 10 == 4:
         kw.update(pre_tokens=30, next_tokens=-5)
     out = npufa.npu_prompt_flash_attention(q, k, v, **kw)
-    check_out(out, ref.npu_prompt_flash_attention(q, k, v, **kw), dtype)
+    check_out(out, ref_call(PFA, (q, k, v), kw), dtype)
 
 
 @pytest.mark.parametrize("layout", FIA_LAYOUTS)
@@ -583,7 +584,7 @@ def test_fia_all_layouts_lse(layout, Sq):
         q, k, v = from_bnsd(qb, qk), from_bnsd(kb, qk), from_bnsd(vb, qk)
         kw.update(actual_seq_lengths_kv=[Skv, 0, 7])
     out, lse = npufa.npu_fused_infer_attention_score(q, k, v, **kw)
-    r_out, r_lse = ref.npu_fused_infer_attention_score(q, k, v, **kw)
+    r_out, r_lse = ref_call(FIA, (q, k, v), kw)
     check_out(out, r_out, F32)
     check_lse(lse, r_lse)
     if kw["softmax_lse_flag"]:
@@ -608,6 +609,118 @@ def test_fia2_learnable_sink(layout, dtype):
         q, k, v = from_bnsd(qb, qk), from_bnsd(kb, qk), from_bnsd(vb, qk)
         kw.update(actual_seq_qlen=lq, actual_seq_kvlen=lkv)
     out, lse = npufa.npu_fused_infer_attention_score_v2(q, k, v, **kw)
-    r_out, r_lse = ref.npu_fused_infer_attention_score_v2(q, k, v, **kw)
+    r_out, r_lse = ref_call(FIA2, (q, k, v), kw)
     check_out(out, r_out, dtype)
     check_lse(lse, r_lse)
+
+
+# ------------------------------------------------------------------------------------------------
+# masks / pse of the minimal extent (exactly the rows and key columns read)
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kv", ["contig", "paged", "prefix", "leftpad"])
+@pytest.mark.parametrize("Sq", [1, 9])
+def test_minimal_mask_and_pse_extent(Sq, kv):
+    """docs/inference.md: masks/pse need Sq' >= the query rows read and Skv' >= the key columns read (relative to
+    the valid window): here exactly max(act_q) x (Lp +) max(act_kv), narrower than the tensors / block pools."""
+    B, Nq, Nkv, Skv, D = 2, 4, 2, 40, 16
+    lq, lkv = [min(Sq, 5), min(Sq, 3)], [20, 7]
+    q, k, v = rnd((B, Nq, Sq, D), seed=100), rnd((B, Nkv, Skv, D), seed=101), rnd((B, Nkv, Skv, D), seed=102)
+    kw = dict(num_heads=Nq, num_key_value_heads=Nkv, input_layout="BNSD", scale=0.3, softmax_lse_flag=True,
+              actual_seq_lengths_kv=lkv)
+    cols = max(lkv)
+    if kv == "paged":
+        (k, v), table = make_paged([k, v], lkv, 16, "BnBsH", seed=103, extra_cols=2)
+        kw.update(block_table=table, block_size=16)
+    elif kv == "prefix":
+        kw.update(key_shared_prefix=rnd((1, Nkv, 6, D), seed=104), value_shared_prefix=rnd((1, Nkv, 6, D), seed=105),
+                  actual_shared_prefix_len=[4])
+        cols += 4
+    elif kv == "leftpad":
+        k, v = left_pad(k, lkv, 2, 106), left_pad(v, lkv, 2, 107)
+        kw["kv_padding_size"] = torch.tensor([2])
+    if Sq > 1:
+        kw["actual_seq_lengths"] = lq
+        kw["atten_mask"] = rmask((B, 1, max(lq), cols), 0.3, 108, full_rows=1)
+        kw["pse_shift"] = rnd((1, Nq, max(lq), cols), seed=109)
+    else:
+        kw["atten_mask"] = rmask((B, cols), 0.3, 108)
+        kw["pse_shift"] = rnd((B, Nq, 1, cols), seed=109)
+    out, lse = npufa.npu_fused_infer_attention_score(q, k, v, **kw)
+    r_out, r_lse = ref_call(FIA, (q, k, v), kw)
+    check_out(out, r_out, F32)
+    check_lse(lse, r_lse)
+
+
+# ------------------------------------------------------------------------------------------------
+# pse_shift dtype: docs/inference.md says "any float dtype"
+# ------------------------------------------------------------------------------------------------
+PSE_DTYPE_BUG = pytest.mark.xfail(strict=True, reason="BUG: pse_shift of another float dtype than the query (docs/"
+                                                      "inference.md: 'any float dtype') raises TypeError 'pse_shift "
+                                                      "must have the query's dtype'")
+
+
+@PSE_DTYPE_BUG
+@pytest.mark.parametrize("op", [PFA, IFA, FIA, FIA2])
+@pytest.mark.parametrize("qd,pd", [(BF16, F32), (F16, F32), (F32, BF16), (BF16, F16)],
+                         ids=["bf16-f32", "fp16-f32", "f32-bf16", "bf16-fp16"])
+def test_pse_shift_any_float_dtype(qd, pd, op):
+    B, Nq, Sq, Skv, D = 2, 2, (1 if op == IFA else 6), 30, 16
+    q, k, v = rnd((B, Nq, Sq, D), qd, 110), rnd((B, Nq, Skv, D), qd, 111), rnd((B, Nq, Skv, D), qd, 112)
+    pse = rnd((B, Nq, Sq, Skv), pd, 113)
+    kw = {PFA: dict(num_heads=Nq, input_layout="BNSD", next_tokens=INT_MAX),
+          IFA: dict(num_heads=Nq, input_layout="BNSD"), FIA: dict(num_heads=Nq, input_layout="BNSD"),
+          FIA2: dict(num_query_heads=Nq, input_layout="BNSD")}[op]
+    kw["pse_shift"] = pse
+    out = getattr(npufa, op)(q, k, v, **kw)
+    out = out[0] if isinstance(out, tuple) else out
+    r = ref_call(op, (q, k, v), kw)
+    check_out(out, r[0] if isinstance(r, tuple) else r, qd)
+
+
+# ------------------------------------------------------------------------------------------------
+# an oracle independent of npufa.reference: softmax(q k^T * scale + pse, masked) v in float64, plain BNSD
+# ------------------------------------------------------------------------------------------------
+def _naive(q, k, v, scale, pse=None, masked=None):
+    g = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(g, 1).to(torch.float64)
+    v = v.repeat_interleave(g, 1).to(torch.float64)
+    s = q.to(torch.float64) @ k.transpose(-1, -2) * scale
+    if pse is not None:
+        s = s + pse.to(torch.float64)
+    if masked is not None:
+        s = s.masked_fill(masked, float("-inf"))
+    lse = torch.logsumexp(s, -1, keepdim=True)
+    alive = torch.isfinite(lse)
+    p = torch.where(alive, torch.exp(s - torch.where(alive, lse, torch.zeros_like(lse))), torch.zeros_like(s))
+    return p @ v, torch.where(alive, lse, torch.full_like(lse, -3.4028234663852886e38))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16", "fp32"])
+@pytest.mark.parametrize("op", [PFA, IFA, FIA, FIA2])
+def test_independent_naive_formula(op, dtype):
+    B, Nq, Nkv, Skv, D = 2, 6, 2, 67, 24
+    Sq = 1 if op == IFA else 19
+    q, k, v = rnd((B, Nq, Sq, D), dtype, 120), rnd((B, Nkv, Skv, D), dtype, 121), rnd((B, Nkv, Skv, D), dtype, 122)
+    m = rmask((B, 1, Sq, Skv), 0.3, 123, full_rows=1)
+    pse = rnd((1, Nq, Sq, Skv), dtype, 124)
+    want, want_lse = _naive(q, k, v, 0.2, pse, m)
+    mk = m if Sq > 1 else m.view(B, Skv)
+    if op == PFA:
+        out = npufa.npu_prompt_flash_attention(q, k, v, num_heads=Nq, num_key_value_heads=Nkv, input_layout="BNSD",
+                                               scale_value=0.2, pse_shift=pse, atten_mask=m, sparse_mode=1)
+        lse = None
+    elif op == IFA:
+        out = npufa.npu_incre_flash_attention(q, k, v, num_heads=Nq, num_key_value_heads=Nkv, input_layout="BNSD",
+                                              scale_value=0.2, pse_shift=pse, atten_mask=mk)
+        lse = None
+    elif op == FIA:
+        out, lse = npufa.npu_fused_infer_attention_score(q, k, v, num_heads=Nq, num_key_value_heads=Nkv,
+                                                         input_layout="BNSD", scale=0.2, pse_shift=pse, atten_mask=m,
+                                                         sparse_mode=1, softmax_lse_flag=True)
+    else:
+        out, lse = npufa.npu_fused_infer_attention_score_v2(q, k, v, num_query_heads=Nq, num_key_value_heads=Nkv,
+                                                            input_layout="BNSD", softmax_scale=0.2, pse_shift=pse,
+                                                            atten_mask=m, sparse_mode=1, return_softmax_lse=True)
+    check_out(out, want, dtype)
+    if lse is not None:
+        check_lse(lse, want_lse)

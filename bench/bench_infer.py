@@ -1,0 +1,98 @@
+"""Inference benchmark: decode GB/s against the read bandwidth measured in the same run (paged and
+contiguous KV), and prefill GFLOP/s next to torch's scaled_dot_product_attention.
+
+    python bench/bench_infer.py [--quick] [--threads N]
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+
+import npufa
+from cases import CAUSAL_MASK, forward_flops, interleaved_best
+
+# name, B, Nq, Nkv, D, kv_len, block_size (0: contiguous), dtype
+DECODE = [
+    ("llama3-8b B=1 KV=8k paged16", 1, 32, 8, 128, 8192, 16, torch.bfloat16),
+    ("llama3-8b B=8 KV=2k paged128", 8, 32, 8, 128, 2048, 128, torch.bfloat16),
+    ("llama3-8b B=8 KV=2k contiguous", 8, 32, 8, 128, 2048, 0, torch.bfloat16),
+    ("llama3-8b B=64 KV=2k paged16 fp16", 64, 32, 8, 128, 2048, 16, torch.float16),
+    ("qwen2-7b B=8 KV=4k paged128 GQA7", 8, 28, 4, 128, 4096, 128, torch.bfloat16),
+]
+# name, B, Nq, Nkv, S, D, dtype (causal prefill through PFA sparse_mode 3)
+PREFILL = [
+    ("llama3-8b S=1024 causal", 1, 32, 8, 1024, 128, torch.bfloat16),
+    ("llama3-8b S=1024 causal fp32", 1, 32, 8, 1024, 128, torch.float32),
+    ("qwen2-7b S=512 causal GQA7", 2, 28, 4, 512, 128, torch.bfloat16),
+]
+QUICK = {"llama3-8b B=8 KV=2k paged128", "llama3-8b S=1024 causal"}
+
+
+def read_bandwidth(reps):
+    """Streaming read GB/s of this run: torch.sum over 1 GiB (every thread)."""
+    x = torch.ones(256 * 1024 * 1024, dtype=torch.float32)
+    (t,) = interleaved_best([lambda: x.sum()], reps)
+    return x.numel() * 4 / t / 1e9
+
+
+def decode_case(B, Nq, Nkv, D, L, bs, dtype, reps):
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(B, Nq, 1, D, generator=g).to(dtype)
+    lens = [L] * B
+    if bs:
+        per = (L + bs - 1) // bs
+        nb = B * per
+        kc = torch.randn(nb, Nkv, bs, D, generator=g).to(dtype)
+        vc = torch.randn(nb, Nkv, bs, D, generator=g).to(dtype)
+        table = torch.randperm(nb, generator=g).view(B, per).to(torch.int32)  # scattered blocks
+        kw = dict(block_table=table, block_size=bs, actual_seq_lengths=lens)
+    else:
+        kc = torch.randn(B, Nkv, L, D, generator=g).to(dtype)
+        vc = torch.randn(B, Nkv, L, D, generator=g).to(dtype)
+        kw = {}
+    (t,) = interleaved_best([lambda: npufa.npu_incre_flash_attention(
+        q, kc, vc, num_heads=Nq, num_key_value_heads=Nkv, input_layout="BNSD", scale_value=D ** -0.5, **kw)], reps)
+    return B * L * Nkv * 2 * D * q.element_size() / t / 1e9
+
+
+def prefill_case(B, Nq, Nkv, S, D, dtype, reps):
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(B, n, S, D, generator=g).to(dtype) for n in (Nq, Nkv, Nkv))
+    kr, vr = k.repeat_interleave(Nq // Nkv, 1), v.repeat_interleave(Nq // Nkv, 1)
+    to, ts = interleaved_best([
+        lambda: npufa.npu_prompt_flash_attention(q, k, v, num_heads=Nq, num_key_value_heads=Nkv, input_layout="BNSD",
+                                                 scale_value=D ** -0.5, sparse_mode=3, atten_mask=CAUSAL_MASK),
+        lambda: F.scaled_dot_product_attention(q, kr, vr, is_causal=True, scale=D ** -0.5),
+    ], reps)
+    flops = forward_flops(B, Nq, S, D, True)
+    return flops / to / 1e9, flops / ts / 1e9, ts / to
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--threads", type=int, default=0)
+    args = ap.parse_args()
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    reps = 3 if args.quick else 7
+    print(f"inference; threads: {torch.get_num_threads()}  torch {torch.__version__}")
+    print(f"{'decode case':36s} {'dtype':9s} {'GB/s':>7s} {'read BW':>8s} {'of BW':>6s}")
+    for name, *c, dtype in DECODE:
+        if args.quick and name not in QUICK:
+            continue
+        gbs = decode_case(*c, dtype, reps)
+        bw = read_bandwidth(3)  # measured next to each case: the host drifts
+        print(f"{name:36s} {str(dtype)[6:]:9s} {gbs:7.1f} {bw:8.1f} {gbs / bw:6.0%}")
+    print(f"{'prefill case':36s} {'dtype':9s} {'npufa GFLOP/s':>14s} {'SDPA GFLOP/s':>13s} {'speed-up':>9s}")
+    for name, *c, dtype in PREFILL:
+        if args.quick and name not in QUICK:
+            continue
+        ours, sdpa, ratio = prefill_case(*c, dtype, reps)
+        print(f"{name:36s} {str(dtype)[6:]:9s} {ours:14.1f} {sdpa:13.1f} {ratio:8.2f}x")
+
+
+if __name__ == "__main__":
+    main()
