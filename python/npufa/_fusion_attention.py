@@ -6,6 +6,7 @@ forwards. v3 is a thin wrapper over v1 (lengths as tensors, seed/offset returned
 """
 from __future__ import annotations
 
+import operator
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -18,13 +19,19 @@ _LAYOUTS = ("BSH", "SBH", "BSND", "BNSD", "TND")
 _INT_MAX = 2147483647
 
 
-def _int_list(x) -> Optional[List[int]]:
-    """torch_npu accepts lists, tuples or 1-D tensors for length/prefix arguments."""
+def _int_list(x, name: str = "lengths") -> Optional[List[int]]:
+    """torch_npu accepts lists, tuples or 1-D integer tensors for length/prefix arguments; floats
+    are refused rather than truncated."""
     if x is None:
         return None
     if isinstance(x, Tensor):
+        if x.is_floating_point() or x.is_complex() or x.dtype == torch.bool:
+            raise TypeError(f"{name} must hold integers, got a tensor of dtype {x.dtype}")
         return [int(v) for v in x.reshape(-1).tolist()]
-    return [int(v) for v in x]
+    try:
+        return [operator.index(v) for v in x]
+    except TypeError:
+        raise TypeError(f"{name} must be a list of ints or an integer tensor, got {x!r}") from None
 
 
 def fusion_attention_shapes(query: Tensor, key: Tensor, value: Tensor, head_num: int,

@@ -59,6 +59,12 @@ def infer_output_shapes(query: Tensor, value: Tensor, num_heads: int, num_key_va
     return out, ([S, nq, 1] if ax_in in ("TND", "NTD") else [B, nq, S, 1])
 
 
+def _str(op: str, name: str, x) -> str:
+    if not isinstance(x, str):
+        raise TypeError(f"{op}: {name} must be a str, got {type(x).__name__} {x!r}")
+    return x
+
+
 def _run(kind: int, op: str, args: dict, lse_flag: bool) -> Tuple[Tensor, Tensor]:
     query = args["query"]
     core = {k: (arr(v) if isinstance(v, Tensor) else v) for k, v in args.items()}
@@ -114,10 +120,12 @@ def npu_prompt_flash_attention(query: Tensor, key: Tensor, value: Tensor, *, pad
                                next_tokens: int = 0, input_layout: str = "BSH", num_key_value_heads: int = 0,
                                actual_seq_lengths_kv=None, sparse_mode: int = 0) -> Tensor:
     """torch_npu.npu_prompt_flash_attention (spec §5): prefill attention. Note next_tokens defaults to 0."""
-    return _pfa_op(query, key, value, padding_mask, atten_mask, pse_shift, _int_list(actual_seq_lengths), deq_scale1,
-                   quant_scale1, deq_scale2, quant_scale2, quant_offset2, int(num_heads), float(scale_value),
-                   int(pre_tokens), int(next_tokens), input_layout, int(num_key_value_heads),
-                   _int_list(actual_seq_lengths_kv), int(sparse_mode))
+    op = "npu_prompt_flash_attention"
+    return _pfa_op(query, key, value, padding_mask, atten_mask, pse_shift,
+                   _int_list(actual_seq_lengths, f"{op}: actual_seq_lengths"), deq_scale1, quant_scale1, deq_scale2,
+                   quant_scale2, quant_offset2, int(num_heads), float(scale_value), int(pre_tokens), int(next_tokens),
+                   _str(op, "input_layout", input_layout), int(num_key_value_heads),
+                   _int_list(actual_seq_lengths_kv, f"{op}: actual_seq_lengths_kv"), int(sparse_mode))
 
 
 # ---- npu_incre_flash_attention ----------------------------------------------------------------------------
@@ -156,9 +164,11 @@ def npu_incre_flash_attention(query: Tensor, key: Tensor, value: Tensor, *, padd
                               num_heads: int = 1, scale_value: float = 1.0, input_layout: str = "BSH",
                               num_key_value_heads: int = 0, block_size: int = 0, inner_precise: int = 1) -> Tensor:
     """torch_npu.npu_incre_flash_attention (spec §6): decode attention (query S = 1), paged KV, left padding."""
-    return _ifa_op(query, key, value, padding_mask, atten_mask, pse_shift, _int_list(actual_seq_lengths),
-                   antiquant_scale, antiquant_offset, block_table, dequant_scale1, quant_scale1, dequant_scale2,
-                   quant_scale2, quant_offset2, kv_padding_size, int(num_heads), float(scale_value), input_layout,
+    op = "npu_incre_flash_attention"
+    return _ifa_op(query, key, value, padding_mask, atten_mask, pse_shift,
+                   _int_list(actual_seq_lengths, f"{op}: actual_seq_lengths"), antiquant_scale, antiquant_offset,
+                   block_table, dequant_scale1, quant_scale1, dequant_scale2, quant_scale2, quant_offset2,
+                   kv_padding_size, int(num_heads), float(scale_value), _str(op, "input_layout", input_layout),
                    int(num_key_value_heads), int(block_size), int(inner_precise))
 
 
@@ -227,13 +237,15 @@ def npu_fused_infer_attention_score(
         softmax_lse_flag: bool = False) -> Tuple[Tensor, Tensor]:
     """torch_npu.npu_fused_infer_attention_score (spec §7): prefill (query S > 1) or decode (S = 1);
     returns (attention_out, softmax_lse)."""
-    return _fia_op(query, key, value, pse_shift, atten_mask, _int_list(actual_seq_lengths),
-                   _int_list(actual_seq_lengths_kv), dequant_scale1, quant_scale1, dequant_scale2, quant_scale2,
+    op = "npu_fused_infer_attention_score"
+    return _fia_op(query, key, value, pse_shift, atten_mask, _int_list(actual_seq_lengths, f"{op}: actual_seq_lengths"),
+                   _int_list(actual_seq_lengths_kv, f"{op}: actual_seq_lengths_kv"), dequant_scale1, quant_scale1, dequant_scale2, quant_scale2,
                    quant_offset2, antiquant_scale, antiquant_offset, key_antiquant_scale, key_antiquant_offset,
                    value_antiquant_scale, value_antiquant_offset, block_table, query_padding_size, kv_padding_size,
-                   key_shared_prefix, value_shared_prefix, _int_list(actual_shared_prefix_len), query_rope,
+                   key_shared_prefix, value_shared_prefix,
+                   _int_list(actual_shared_prefix_len, f"{op}: actual_shared_prefix_len"), query_rope,
                    key_rope, key_rope_antiquant_scale, int(num_heads), float(scale), int(pre_tokens),
-                   int(next_tokens), input_layout, int(num_key_value_heads), int(sparse_mode), int(inner_precise),
+                   int(next_tokens), _str(op, "input_layout", input_layout), int(num_key_value_heads), int(sparse_mode), int(inner_precise),
                    int(block_size), int(antiquant_mode), int(key_antiquant_mode), int(value_antiquant_mode),
                    bool(softmax_lse_flag))
 
@@ -294,11 +306,14 @@ def npu_fused_infer_attention_score_v2(
     """torch_npu.npu_fused_infer_attention_score_v2 (spec §8): FIA with v2 names, learnable_sink;
     returns (attention_out, softmax_lse). quant_scale_p and the *_dtype arguments are reserved
     (accepted, unused); out_dtype only applies to quantised outputs."""
-    return _fia2_op(query, key, value, query_rope, key_rope, pse_shift, atten_mask, _int_list(actual_seq_qlen),
-                    _int_list(actual_seq_kvlen), block_table, dequant_scale_query, dequant_scale_key,
+    op = "npu_fused_infer_attention_score_v2"
+    return _fia2_op(query, key, value, query_rope, key_rope, pse_shift, atten_mask,
+                    _int_list(actual_seq_qlen, f"{op}: actual_seq_qlen"),
+                    _int_list(actual_seq_kvlen, f"{op}: actual_seq_kvlen"), block_table, dequant_scale_query, dequant_scale_key,
                     dequant_offset_key, dequant_scale_value, dequant_offset_value, dequant_scale_key_rope,
                     quant_scale_out, quant_offset_out, learnable_sink, int(num_query_heads),
-                    int(num_key_value_heads), float(softmax_scale), int(pre_tokens), int(next_tokens), input_layout,
+                    int(num_key_value_heads), float(softmax_scale), int(pre_tokens), int(next_tokens),
+                    _str(op, "input_layout", input_layout),
                     int(sparse_mode), int(block_size), int(key_quant_mode), int(value_quant_mode),
                     int(inner_precise), bool(return_softmax_lse))
 

@@ -437,7 +437,7 @@ def _infer(op, query, key, value, *, input_layout, num_heads, num_key_value_head
         if mode in (2, 3, 4) and (atten_mask.dim() not in (2, 3, 4) or tuple(atten_mask.shape[-2:]) != (2048, 2048)
                                   or any(d != 1 for d in atten_mask.shape[:-2])):
             _fail(op, f"sparse_mode {mode} needs the compressed 2048x2048 atten_mask, got {tuple(atten_mask.shape)}")
-        if mode in (0, 4) and pre < 0 and nxt < 0:
+        if mode in (0, 4) and atten_mask is not None and pre < 0 and nxt < 0:
             _fail(op, "pre_tokens and next_tokens are both negative")
     if inner_precise is not None:
         allowed = (0, 1) if decode else (0, 1, 2, 3)

@@ -17,6 +17,7 @@ namespace {
 using namespace tile;
 
 constexpr int64_t kDotRows = 16;
+constexpr int64_t kTargetItems = 128;
 
 struct Scratch {
   std::vector<float> q, kt, v, s, o, m, l;
@@ -116,7 +117,7 @@ struct Plan {
   bool direct = false;  // K/V rows widened in registers (direct_ok)
 };
 
-Plan make_plan(const AttnProblem& p, int threads) {
+Plan make_plan(const AttnProblem& p) {
   Plan pl;
   pl.direct = direct_ok(p);
   const size_t B = static_cast<size_t>(p.B);
@@ -133,8 +134,9 @@ Plan make_plan(const AttnProblem& p, int threads) {
     pl.jhi[b] = std::max(lo, hi);
     tiles += p.Nkv * ((pl.jhi[b] - lo + kBk - 1) / kBk);
   }
-  // About four items per thread, each at least two tiles, so partials stay few and merging cheap.
-  pl.chunk = std::max<int64_t>(2, (tiles + 4 * threads - 1) / (4 * threads));
+  // About kTargetItems items of at least two tiles: enough for any pool we run on, few partials to
+  // merge, and independent of the thread count, so results are too.
+  pl.chunk = std::max<int64_t>(2, (tiles + kTargetItems - 1) / kTargetItems);
   const int64_t dvp = padded(p.Dv);
   for (size_t b = 0; b < B; ++b) {
     const int64_t t = (pl.jhi[b] - pl.jlo[b] + kBk - 1) / kBk;
@@ -252,7 +254,7 @@ struct MergeItem {
 
 void flash_decode(const AttnProblem& p) {
   const int nthreads = get_num_threads();
-  const Plan pl = make_plan(p, nthreads);
+  const Plan pl = make_plan(p);
   if (pl.items == 0) return;
   std::vector<float> parts(static_cast<size_t>(pl.part_floats));
   std::vector<Scratch> scratch(static_cast<size_t>(nthreads));

@@ -7,9 +7,13 @@
 
 namespace npufa {
 
+// The bias is usually stored in the kernel's dtype T; inference also takes other float dtypes.
 template <DType T>
 inline float pse_load(const PseSpec& ps, int64_t idx) {
-  return to_f32<T>(static_cast<const typename Storage<T>::type*>(ps.data)[idx]);
+  if (ps.dtype == T) return to_f32<T>(static_cast<const typename Storage<T>::type*>(ps.data)[idx]);
+  if (ps.dtype == DType::F32) return static_cast<const float*>(ps.data)[idx];
+  const uint16_t h = static_cast<const uint16_t*>(ps.data)[idx];
+  return ps.dtype == DType::F16 ? f16_to_f32(h) : bf16_to_f32(h);
 }
 
 // Element offset of the bias of (b, n, i, j), local indices i < Sq_b, j < Skv_b. Alibi kinds are only

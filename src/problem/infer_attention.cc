@@ -91,7 +91,8 @@ std::vector<int64_t> shape_of(Ax a, int64_t B, int64_t N, int64_t S, int64_t D) 
 struct Dims4 {
   int64_t B = 1, N = 0, S = 0, D = 0;
 };
-Dims4 dims_of(const char* op, const TensorView& t, const char* name, Ax a, int64_t n_bsh, const char* layout) {
+Dims4 dims_of(const char* op, const TensorView& t, const char* name, Ax a, int64_t n_bsh, const char* layout,
+              const char* n_name = "num_key_value_heads") {
   const int64_t rank = (a == Ax::BSND || a == Ax::BNSD) ? 4 : 3;
   if (t.dim() != rank)
     fail(op, ": ", name, " must be ", rank, "-D for input_layout ", layout, ", got shape ", shape_str(t.shape));
@@ -100,8 +101,8 @@ Dims4 dims_of(const char* op, const TensorView& t, const char* name, Ax a, int64
     case Ax::BSH:
       d.B = t.size(0), d.S = t.size(1), d.N = n_bsh;
       if (n_bsh <= 0 || t.size(2) % n_bsh != 0)
-        fail(op, ": ", name, " hidden size must be a multiple of its head count ", n_bsh, ", got shape ",
-             shape_str(t.shape));
+        fail(op, ": ", name, " hidden size H = ", t.size(2), " must be a multiple of ", n_name, " = ", n_bsh,
+             " for input_layout ", layout, ", got ", name, " shape ", shape_str(t.shape));
       d.D = t.size(2) / n_bsh;
       break;
     case Ax::BSND: d.B = t.size(0), d.S = t.size(1), d.N = t.size(2), d.D = t.size(3); break;
@@ -176,10 +177,21 @@ void reject_quant(const InferAttentionParams& p) {
     fail(p.op, ": int8 key/value (KV antiquant) are not yet supported by npufa");
 }
 
+// The op's own names for the arguments the Params struct holds under FIA v1's names.
+struct ArgNames {
+  const char *heads = "num_heads", *qlen = "actual_seq_lengths", *kvlen = "actual_seq_lengths_kv";
+};
+ArgNames arg_names(InferOp k) {
+  if (k == InferOp::FusedV2) return {"num_query_heads", "actual_seq_qlen", "actual_seq_kvlen"};
+  if (k == InferOp::Incre) return {"num_heads", "(none)", "actual_seq_lengths"};
+  return {};
+}
+
 struct Ctx {
   const InferAttentionParams& p;
   const char* op;
   LayoutInfo lay;
+  ArgNames an = arg_names(p.kind);
   bool decode = false;  // decode semantics: sparse_mode / pre / next ignored (spec §7.2)
   bool left_q = false, left_kv = false;
   int64_t Sq = 0, T = 0;  // query S (TND: T)
@@ -292,9 +304,8 @@ void build_mask(Ctx& c, AttnProblem& pr) {
 void build_pse(const Ctx& c, AttnProblem& pr) {
   if (!c.p.pse_shift) return;
   const TensorView& t = *c.p.pse_shift;
-  if (t.dtype != c.p.query.dtype)
-    fail<TypeError>(c.op, ": pse_shift must have the query's dtype ", dtype_name(c.p.query.dtype), ", got ",
-                    dtype_name(t.dtype));
+  if (!is_float(t.dtype))
+    fail<TypeError>(c.op, ": pse_shift must be float16, bfloat16 or float32, got ", dtype_name(t.dtype));
   const int64_t rows = std::max<int64_t>(c.max_q, 1);
   if (t.dim() != 4 || (t.size(0) != pr.B && t.size(0) != 1) || t.size(1) != pr.Nq || t.size(2) < rows ||
       t.size(3) < c.max_kv)
@@ -328,18 +339,19 @@ InferCanon canonicalize_infer_attention(const InferAttentionParams& p, bool with
     fail<TypeError>(op, ": key and value must have the query's dtype ", dtype_name(q.dtype), ", got key ",
                     dtype_name(k.dtype), ", value ", dtype_name(v.dtype));
   pr.dtype = q.dtype;
-  if (p.num_heads <= 0) fail(op, ": num_heads must be positive, got ", p.num_heads);
+  const ArgNames& an = c.an;
+  if (p.num_heads <= 0) fail(op, ": ", an.heads, " must be positive, got ", p.num_heads);
   if (p.num_key_value_heads < 0) fail(op, ": num_key_value_heads must be >= 0, got ", p.num_key_value_heads);
   c.Nq = p.num_heads;
   c.Nkv = p.num_key_value_heads == 0 ? c.Nq : p.num_key_value_heads;
   if (c.Nq % c.Nkv != 0)
-    fail(op, ": num_heads must be a multiple of num_key_value_heads, got ", c.Nq, " and ", c.Nkv);
+    fail(op, ": ", an.heads, " must be a multiple of num_key_value_heads, got ", c.Nq, " and ", c.Nkv);
 
   // ---- query
   const Ax qa = c.lay.in;
-  const Dims4 qd = dims_of(op, q, "query", qa, c.Nq, lname);
+  const Dims4 qd = dims_of(op, q, "query", qa, c.Nq, lname, an.heads);
   if (qd.N != c.Nq)
-    fail(op, ": num_heads = ", c.Nq, " must equal the query's head axis for input_layout ", lname, ", got query shape ",
+    fail(op, ": ", an.heads, " = ", c.Nq, " must equal the query's head axis for input_layout ", lname, ", got query shape ",
          shape_str(q.shape));
   c.D = qd.D;
   c.Sq = qd.S;
@@ -361,15 +373,15 @@ InferCanon canonicalize_infer_attention(const InferAttentionParams& p, bool with
   std::vector<SeqSpan>& seqs = pr.seqs;
   if (tnd) {
     if (!p.actual_seq_lengths)
-      fail(op, ": input_layout ", lname, " needs actual_seq_lengths (cumulative query lengths), got None");
-    const auto spans = from_cumulative(op, *p.actual_seq_lengths, "actual_seq_lengths", qd.S, "query");
+      fail(op, ": input_layout ", lname, " needs ", an.qlen, " (cumulative query lengths), got None");
+    const auto spans = from_cumulative(op, *p.actual_seq_lengths, an.qlen, qd.S, "query");
     c.B = static_cast<int64_t>(spans.size());
     for (const auto& [s0, len] : spans) seqs.push_back({s0, len, 0, 0});
   } else {
     c.B = qd.B;
     seqs.assign(static_cast<size_t>(c.B), SeqSpan{0, qd.S, 0, 0});
     if (!c.decode && p.actual_seq_lengths) {
-      const auto act = per_batch(op, *p.actual_seq_lengths, "actual_seq_lengths", c.B, qd.S, "the query's S");
+      const auto act = per_batch(op, *p.actual_seq_lengths, an.qlen, c.B, qd.S, "the query's S");
       c.left_q = p.query_padding_size.has_value();
       const int64_t pad = c.left_q ? first_i64(op, *p.query_padding_size, "query_padding_size") : 0;
       for (int64_t b = 0; b < c.B; ++b) {
@@ -412,9 +424,9 @@ InferCanon canonicalize_infer_attention(const InferAttentionParams& p, bool with
     if (dk != c.D) fail(op, ": paged key head dim ", dk, " must equal the query's head dim ", c.D);
     c.Dv = dv;
     if (!p.actual_seq_lengths_kv)
-      fail(op, ": block_table needs ", p.kind == InferOp::Incre ? "actual_seq_lengths" : "actual_seq_lengths_kv",
+      fail(op, ": block_table needs ", an.kvlen,
            " (the KV length of every batch), got None");
-    const char* kvname = p.kind == InferOp::Incre ? "actual_seq_lengths" : "actual_seq_lengths_kv";
+    const char* kvname = an.kvlen;
     const auto act = per_batch(op, *p.actual_seq_lengths_kv, kvname, c.B, -1, "");
     const int64_t W = bt.size(1), nblocks = k.size(0);
     const auto* table = static_cast<const int32_t*>(bt.data);
@@ -448,14 +460,13 @@ InferCanon canonicalize_infer_attention(const InferAttentionParams& p, bool with
     c.Dv = vd.D;
     pr.k = acc_of(k, qa, c.D);
     pr.v = acc_of(v, qa, c.Dv);
-    const char* kvname = p.kind == InferOp::Incre ? "actual_seq_lengths" : "actual_seq_lengths_kv";
+    const char* kvname = an.kvlen;
     if (tnd) {
       if (!p.actual_seq_lengths_kv)
-        fail(op, ": input_layout ", lname, " needs actual_seq_lengths_kv (cumulative KV lengths), got None");
-      const auto spans = from_cumulative(op, *p.actual_seq_lengths_kv, "actual_seq_lengths_kv", kd.S, "key");
+        fail(op, ": input_layout ", lname, " needs ", kvname, " (cumulative KV lengths), got None");
+      const auto spans = from_cumulative(op, *p.actual_seq_lengths_kv, kvname, kd.S, "key");
       if (static_cast<int64_t>(spans.size()) != c.B)
-        fail(op, ": actual_seq_lengths_kv must have as many entries as actual_seq_lengths (", c.B, "), got ",
-             spans.size());
+        fail(op, ": ", kvname, " must have as many entries as ", an.qlen, " (", c.B, "), got ", spans.size());
       for (int64_t b = 0; b < c.B; ++b)
         seqs[static_cast<size_t>(b)].kv_off = spans[static_cast<size_t>(b)].first,
                                  seqs[static_cast<size_t>(b)].kv_len = spans[static_cast<size_t>(b)].second;
@@ -525,7 +536,7 @@ InferCanon canonicalize_infer_attention(const InferAttentionParams& p, bool with
     if (qr.dtype != q.dtype || kr.dtype != q.dtype)
       fail<TypeError>(op, ": query_rope / key_rope must have the query's dtype ", dtype_name(q.dtype));
     if (p.key_shared_prefix) fail(op, ": query_rope cannot be combined with key_shared_prefix");
-    const Dims4 rd = dims_of(op, qr, "query_rope", qa, c.Nq, lname);
+    const Dims4 rd = dims_of(op, qr, "query_rope", qa, c.Nq, lname, an.heads);
     if (rd.B != qd.B || rd.N != qd.N || rd.S != qd.S)
       fail(op, ": query_rope must match the query except the head dim, got ", shape_str(qr.shape), " for query ",
            shape_str(q.shape));

@@ -393,22 +393,7 @@ CASES = [
 _IDS = [c[0] for c in CASES]
 assert len(set(_IDS)) == len(_IDS), "duplicate case ids"
 
-_V2_NAMES = ("BUG: npu_fused_infer_attention_score_v2 error messages name the v1 argument (actual_seq_lengths, "
-             "actual_seq_lengths_kv, num_heads) instead of the v2 one the caller passed (actual_seq_qlen, "
-             "actual_seq_kvlen, num_query_heads)")
-BUGS = {
-    "fia2_kv_len_gt_S": _V2_NAMES,
-    "fia2_q_len_gt_S": _V2_NAMES,
-    "fia2_num_query_heads_mismatch": _V2_NAMES,
-    "fia2_tnd_no_lengths": _V2_NAMES,
-    "fia2_ntd_decreasing": _V2_NAMES,
-    "fia_len_float_tensor": ("BUG: a floating-point length tensor (actual_seq_lengths_kv=torch.tensor([3., 4.])) is "
-                             "silently truncated to ints instead of rejected (docs: a 1-D integer tensor)"),
-    "ifa_bsh_H_not_multiple": ("BUG: BSH hidden size not a multiple of num_heads: the message says 'head count 3' "
-                               "but does not name the argument num_heads"),
-    "fia_layout_not_str": ("BUG: a non-str input_layout raises torch's RuntimeError from the schema check, not a "
-                           "TypeError/ValueError from npufa"),
-}
+BUGS = {}  # case id -> reason, for suspected implementation bugs (strict xfail)
 
 
 def _params():

@@ -388,12 +388,10 @@ TND_CASES = {
 }
 
 
-@pytest.mark.parametrize("layout", ["TND", "TND_NTD", "NTD", "NTD_TND"])
 @pytest.mark.parametrize("case", list(TND_CASES))
-@pytest.mark.parametrize("op", ["fia", "fia2", "pfa"])
+@pytest.mark.parametrize("op,layout", [(o, lay) for o in ("fia", "fia2") for lay in ("TND", "TND_NTD", "NTD", "NTD_TND")]
+                         + [("pfa", "TND")])
 def test_tnd_equals_per_batch_bnsd(op, case, layout):
-    if op == "pfa" and layout != "TND":
-        pytest.skip("PFA takes TND only")
     Nq, Nkv, D, Dv = 4, 2, 24, 16
     lq, lkv = [9, 0, 65, 1, 7], [12, 5, 70, 0, 7]
     B = len(lq)
@@ -858,15 +856,8 @@ def _thread_cases():
     }
 
 
-THREAD_BUG = pytest.mark.xfail(strict=True, reason="BUG: with query S <= 16 (IFA, FIA decode, FIA/PFA prefill "
-                                                   "with a short query) results differ in the last bit between 1 and "
-                                                   "2+ threads (split-KV combine order depends on the thread count)")
-
-
-@pytest.mark.parametrize("case", ["fia_prefill_bf16", pytest.param("ifa_paged", marks=THREAD_BUG),
-                                  pytest.param("fia_decode_f32", marks=THREAD_BUG),
-                                  pytest.param("fia_prefill_sq8_f32", marks=THREAD_BUG),
-                                  pytest.param("pfa_sq16_f32", marks=THREAD_BUG), "pfa_tnd", "fia2_sink_tnd"])
+@pytest.mark.parametrize("case", ["fia_prefill_bf16", "ifa_paged", "fia_decode_f32", "fia_prefill_sq8_f32",
+                                  "pfa_sq16_f32", "pfa_tnd", "fia2_sink_tnd"])
 def test_thread_count_independent(case):
     f = _thread_cases()[case]
     results = []

@@ -241,7 +241,10 @@ def test_decode_ignores_sparse_mode_and_tokens():
     base = FIA(q, k, v, atten_mask=m, **kw)[0]
     for sm, pre, nxt in [(0, 0, 0), (3, 2147483647, 2147483647), (1, -3, 5), (4, 0, 0)]:
         close(FIA(q, k, v, atten_mask=m, sparse_mode=sm, pre_tokens=pre, next_tokens=nxt, **kw)[0], base)
-    close(PFA(q, k, v, atten_mask=m, **kw), base)  # PFA with S = 1 also ignores next_tokens = 0
+    # PFA is always a prefill: with S = 1 it reads the (B, 1, 1, Skv) mask and applies its band.
+    close(PFA(q, k, v, atten_mask=m.view(B, 1, 1, Skv), next_tokens=2147483647, **kw), base)
+    causal_row0 = PFA(q, k, v, atten_mask=torch.zeros(B, 1, 1, Skv, dtype=torch.bool), **kw)  # next_tokens = 0
+    close(causal_row0, v[:, :, :1].repeat_interleave(N // v.shape[1], 1))
     masked = m.view(B, 1, 1, Skv)
     close(base, direct(q, k, v, 1.0, masked=masked)[0])
 
