@@ -44,24 +44,63 @@ NPUFA_INLINE vec::vf load16(const St<T>* x) {
 // Direct path, used when every K/V row is contiguous and its widths are whole vectors: rows are
 // widened in registers straight from the cache (no fp32 copy of the tile). Q is [R][qld] with the
 // rope part at column pad(D).
+// Rows of the next tile (next_off, next_cols) are prefetched one per key, spread over the work:
+// the hardware prefetcher alone does not run far enough ahead over short block-sized streams, and
+// prefetching a whole tile at once only stalls on the fill buffers.
+template <DType T>
+NPUFA_INLINE void prefetch_row(const St<T>* x, int64_t w) {
+  constexpr int64_t kLine = 64 / sizeof(St<T>);
+  for (int64_t e = 0; e < w; e += kLine) __builtin_prefetch(x + e, 0, 2);
+}
+
+// Scores of kKeys keys [c, c + kKeys) for rows [r0, r0 + kRb): kKeys x kRb independent FMA chains
+// (one chain per key would wait on the FMA latency), each Q vector loaded once per kKeys keys.
+constexpr int64_t kKeys = 4;
+template <DType T, int NK>
+NPUFA_INLINE void qk_direct_block(const AttnProblem& p, const St<T>* const* k, const St<T>* const* kr, const float* Q,
+                                  int64_t qld, int64_t r0, int64_t R, float* S, int64_t c) {
+  using vec::vf;
+  vf acc[kRb][NK] = {};
+  for (int64_t d = 0; d < p.D; d += vec::kW) {
+    vf kv[NK];
+    for (int j = 0; j < NK; ++j) kv[j] = load16<T>(k[j] + d);
+    for (int64_t rr = 0; rr < kRb; ++rr) {
+      const vf q = vec::load(Q + (r0 + rr) * qld + d);
+      for (int j = 0; j < NK; ++j) acc[rr][j] += q * kv[j];
+    }
+  }
+  for (int64_t d = 0; d < p.Dr; d += vec::kW) {
+    vf kv[NK];
+    for (int j = 0; j < NK; ++j) kv[j] = load16<T>(kr[j] + d);
+    for (int64_t rr = 0; rr < kRb; ++rr) {
+      const vf q = vec::load(Q + (r0 + rr) * qld + p.D + d);
+      for (int j = 0; j < NK; ++j) acc[rr][j] += q * kv[j];
+    }
+  }
+  for (int64_t rr = 0; rr < kRb && r0 + rr < R; ++rr)
+    for (int j = 0; j < NK; ++j) S[(r0 + rr) * kBk + c + j] = vec::hsum(acc[rr][j]);
+}
+
 template <DType T>
 NPUFA_INLINE void qk_direct(const AttnProblem& p, int64_t b, int64_t nk, int64_t off, int64_t cols, const float* Q,
-                            int64_t qld, int64_t R, float* S) {
-  using vec::vf;
-  for (int64_t c = 0; c < cols; ++c) {
-    const St<T>* k = kv_row<T>(p.k, b, nk, off + c).p;
-    const St<T>* kr = p.Dr ? kv_row<T>(p.kr, b, nk, off + c).p : nullptr;
+                            int64_t qld, int64_t R, float* S, int64_t next_off, int64_t next_cols) {
+  for (int64_t c = 0; c < cols; c += kKeys) {
+    const int64_t nkeys = std::min(kKeys, cols - c);
+    const St<T>* k[kKeys];
+    const St<T>* kr[kKeys] = {};
+    for (int64_t j = 0; j < nkeys; ++j) {
+      if (c + j < next_cols) {
+        prefetch_row<T>(kv_row<T>(p.k, b, nk, next_off + c + j).p, p.D);
+        prefetch_row<T>(kv_row<T>(p.v, b, nk, next_off + c + j).p, p.Dv);
+      }
+      k[j] = kv_row<T>(p.k, b, nk, off + c + j).p;
+      if (p.Dr) kr[j] = kv_row<T>(p.kr, b, nk, off + c + j).p;
+    }
     for (int64_t r0 = 0; r0 < R; r0 += kRb) {
-      vf acc[kRb] = {};
-      for (int64_t d = 0; d < p.D; d += vec::kW) {
-        const vf kv = load16<T>(k + d);
-        for (int64_t rr = 0; rr < kRb; ++rr) acc[rr] += vec::load(Q + (r0 + rr) * qld + d) * kv;
-      }
-      for (int64_t d = 0; d < p.Dr; d += vec::kW) {
-        const vf kv = load16<T>(kr + d);
-        for (int64_t rr = 0; rr < kRb; ++rr) acc[rr] += vec::load(Q + (r0 + rr) * qld + p.D + d) * kv;
-      }
-      for (int64_t rr = 0; rr < kRb && r0 + rr < R; ++rr) S[(r0 + rr) * kBk + c] = vec::hsum(acc[rr]);
+      if (nkeys == kKeys)
+        qk_direct_block<T, kKeys>(p, k, kr, Q, qld, r0, R, S, c);
+      else
+        for (int64_t j = 0; j < nkeys; ++j) qk_direct_block<T, 1>(p, k + j, kr + j, Q, qld, r0, R, S, c + j);
     }
   }
 }
@@ -187,14 +226,10 @@ struct DecodeItem {
       const int64_t cols = std::min(kBk, sp.kv_len - j0);
       const TileClass cls = p.mask.classify(b, 0, ql, j0, j0 + cols);
       if (cls == TileClass::Empty) continue;
-      if (j0 + kBk < jb) {  // the next tile's rows, while this one computes
-        const int64_t nc = std::min(kBk, sp.kv_len - j0 - kBk);
-        prefetch_rows<T>(p.k, p.D, b, nk, sp.kv_off + j0 + kBk, nc);
-        prefetch_rows<T>(p.v, Dv, b, nk, sp.kv_off + j0 + kBk, nc);
-      }
       const int64_t off = sp.kv_off + j0;
       if (direct) {
-        qk_direct<T>(p, b, nk, off, cols, Q, qld, R, S);
+        const int64_t next_cols = j0 + kBk < jb ? std::min(kBk, jb - j0 - kBk) : 0;
+        qk_direct<T>(p, b, nk, off, cols, Q, qld, R, S, off + kBk, next_cols);
         softmax_step<T>(p, sp, b, j0, cols, cls, R, row_at, S, O, dvp, M, L);
         pv_direct<T>(p, b, nk, off, cols, S, O, dvp, R);
         continue;

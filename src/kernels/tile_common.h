@@ -137,19 +137,6 @@ NPUFA_INLINE RowRef<T> kv_row(const Acc4& a, int64_t b, int64_t n, int64_t s) {
   return {base + b * a.sb + s * a.ss + n * a.sn, a.sd};
 }
 
-// Software prefetch of rows [off, off + rows) of head n (w elements each): decode streams K/V
-// rows from scattered blocks faster than the hardware prefetcher ramps up.
-template <DType T>
-NPUFA_INLINE void prefetch_rows(const Acc4& a, int64_t w, int64_t b, int64_t n, int64_t off, int64_t rows) {
-  constexpr int64_t kLine = 64 / sizeof(St<T>);
-  for (int64_t r = 0; r < rows; ++r) {
-    const RowRef<T> x = kv_row<T>(a, b, n, off + r);
-    const int64_t span = (w - 1) * x.sd + 1;
-    for (int64_t e = 0; e < span; e += kLine) __builtin_prefetch(x.p + e);
-    __builtin_prefetch(x.p + span - 1);
-  }
-}
-
 // Rows [off, off + rows) of head n into dst [.][ld]: columns [0, w) from a, then [w, w + wr) from
 // ar (the rope part of q/k, when wr > 0); zero-padded to whole kRb row blocks and to ld columns.
 template <DType T>
