@@ -27,6 +27,7 @@ PREFILL = [
     ("llama3-8b S=1024 causal fp32", 1, 32, 8, 1024, 128, torch.float32),
     ("qwen2-7b S=512 causal GQA7", 2, 28, 4, 512, 128, torch.bfloat16),
 ]
+INT8 = {"llama3-8b B=1 KV=8k paged16", "llama3-8b B=8 KV=2k paged128", "llama3-8b B=8 KV=2k contiguous"}
 QUICK = {"llama3-8b B=8 KV=2k paged128", "llama3-8b S=1024 causal"}
 
 
@@ -37,24 +38,41 @@ def read_bandwidth(reps):
     return x.numel() * 4 / t / 1e9
 
 
-def decode_case(B, Nq, Nkv, D, L, bs, dtype, reps):
+def decode_case(B, Nq, Nkv, D, L, bs, dtype, reps, int8_kv=False):
     g = torch.Generator().manual_seed(0)
     q = torch.randn(B, Nq, 1, D, generator=g).to(dtype)
     lens = [L] * B
+    kv_dtype = torch.int8 if int8_kv else dtype
+
+    def cache(*shape):
+        x = torch.randn(*shape, generator=g)
+        return (x * 40).to(torch.int8) if int8_kv else x.to(dtype)
+
     if bs:
         per = (L + bs - 1) // bs
         nb = B * per
-        kc = torch.randn(nb, Nkv, bs, D, generator=g).to(dtype)
-        vc = torch.randn(nb, Nkv, bs, D, generator=g).to(dtype)
+        kc = cache(nb, Nkv, bs, D)
+        vc = cache(nb, Nkv, bs, D)
         table = torch.randperm(nb, generator=g).view(B, per).to(torch.int32)  # scattered blocks
         kw = dict(block_table=table, block_size=bs, actual_seq_lengths=lens)
     else:
-        kc = torch.randn(B, Nkv, L, D, generator=g).to(dtype)
-        vc = torch.randn(B, Nkv, L, D, generator=g).to(dtype)
+        kc = cache(B, Nkv, L, D)
+        vc = cache(B, Nkv, L, D)
         kw = {}
-    (t,) = interleaved_best([lambda: npufa.npu_incre_flash_attention(
-        q, kc, vc, num_heads=Nq, num_key_value_heads=Nkv, input_layout="BNSD", scale_value=D ** -0.5, **kw)], reps)
-    return B * L * Nkv * 2 * D * q.element_size() / t / 1e9
+    if int8_kv:  # per-channel scales and offsets, FIA v1's separate form (vLLM's int8 cache)
+        kw.update(key_antiquant_scale=(torch.rand(Nkv, 1, D, generator=g) * 0.05).to(dtype),
+                  value_antiquant_scale=(torch.rand(Nkv, 1, D, generator=g) * 0.05).to(dtype),
+                  key_antiquant_offset=torch.randn(Nkv, 1, D, generator=g).to(dtype),
+                  value_antiquant_offset=torch.randn(Nkv, 1, D, generator=g).to(dtype))
+        if "actual_seq_lengths" in kw:
+            kw["actual_seq_lengths_kv"] = kw.pop("actual_seq_lengths")
+        fn = lambda: npufa.npu_fused_infer_attention_score(  # noqa: E731
+            q, kc, vc, num_heads=Nq, num_key_value_heads=Nkv, input_layout="BNSD", scale=D ** -0.5, **kw)
+    else:
+        fn = lambda: npufa.npu_incre_flash_attention(  # noqa: E731
+            q, kc, vc, num_heads=Nq, num_key_value_heads=Nkv, input_layout="BNSD", scale_value=D ** -0.5, **kw)
+    (t,) = interleaved_best([fn], reps)
+    return B * L * Nkv * 2 * D * (1 if int8_kv else q.element_size()) / t / 1e9, t
 
 
 def prefill_case(B, Nq, Nkv, S, D, dtype, reps):
@@ -83,9 +101,13 @@ def main():
     for name, *c, dtype in DECODE:
         if args.quick and name not in QUICK:
             continue
-        gbs = decode_case(*c, dtype, reps)
+        gbs, t = decode_case(*c, dtype, reps)
         bw = read_bandwidth(3)  # measured next to each case: the host drifts
         print(f"{name:36s} {str(dtype)[6:]:9s} {gbs:7.1f} {bw:8.1f} {gbs / bw:6.0%}")
+        if name in INT8:
+            gbs8, t8 = decode_case(*c, dtype, reps, int8_kv=True)
+            print(f"{'  same, int8 KV (antiquant)':36s} {'int8':9s} {gbs8:7.1f} {bw:8.1f} {gbs8 / bw:6.0%}"
+                  f"   {t / t8:.2f}x the {str(dtype)[6:]}-KV decode")
     print(f"{'prefill case':36s} {'dtype':9s} {'npufa GFLOP/s':>14s} {'SDPA GFLOP/s':>13s} {'speed-up':>9s}")
     for name, *c, dtype in PREFILL:
         if args.quick and name not in QUICK:

@@ -10,7 +10,7 @@ from ._fusion_attention import (npu_fusion_attention, npu_fusion_attention_grad,
                                 npu_fusion_attention_grad_v3, npu_fusion_attention_v2, npu_fusion_attention_v3)
 from ._infer_attention import (_npu_reshape_and_cache, npu_fused_infer_attention_score,
                                npu_fused_infer_attention_score_v2, npu_incre_flash_attention,
-                               npu_prompt_flash_attention)
+                               npu_prompt_flash_attention, npu_trans_quant_param)
 from ._runtime import get_num_threads, set_num_threads
 from .dropout import _npu_dropout_gen_mask, dropout_gen_mask, dropout_mask_bytes
 
@@ -26,6 +26,7 @@ __all__ = [
     "npu_fused_infer_attention_score",
     "npu_fused_infer_attention_score_v2",
     "_npu_reshape_and_cache",
+    "npu_trans_quant_param",
     "_npu_dropout_gen_mask",
     "dropout_gen_mask",
     "dropout_mask_bytes",

@@ -18,6 +18,7 @@ from ._fusion_attention import _int_list
 from ._runtime import arr, sync_threads
 
 _INT_MAX = 2147483647
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int8": torch.int8}
 _PROMPT, _INCRE, _FUSED, _FUSED_V2 = 0, 1, 2, 3
 
 # input_layout -> (query/key axis order, output axis order)
@@ -70,8 +71,8 @@ def _run(kind: int, op: str, args: dict, lse_flag: bool) -> Tuple[Tensor, Tensor
     core = {k: (arr(v) if isinstance(v, Tensor) else v) for k, v in args.items()}
     core["op"] = op
     core["softmax_lse_flag"] = lse_flag
-    out_shape, lse_shape = _C.infer_attention(kind, core)  # validates every rule
-    out = query.new_empty(out_shape)
+    out_shape, lse_shape, out_dtype = _C.infer_attention(kind, core)  # validates every rule
+    out = query.new_empty(out_shape, dtype=_DTYPES[out_dtype])
     lse = query.new_empty(lse_shape, dtype=torch.float32)
     if query.numel() == 0 or out.numel() == 0:
         return out.zero_(), lse.fill_(-3.4028234663852886e38)
@@ -80,10 +81,18 @@ def _run(kind: int, op: str, args: dict, lse_flag: bool) -> Tuple[Tensor, Tensor
     return out, lse
 
 
-def _fake(query, value, num_heads, num_key_value_heads, input_layout, block_table, lse_flag):
+def infer_output_dtype(query: Tensor, quant_scale2: Optional[Tensor]) -> torch.dtype:
+    """attention_out's dtype (spec §7.4): int8 when quantised, fp16 for an int8 query, else the query's."""
+    if quant_scale2 is not None:
+        return torch.int8
+    return torch.float16 if query.dtype == torch.int8 else query.dtype
+
+
+def _fake(query, value, num_heads, num_key_value_heads, input_layout, block_table, lse_flag, quant_scale2=None):
     out_shape, lse_shape = infer_output_shapes(query, value, num_heads, num_key_value_heads, input_layout,
                                                block_table is not None, lse_flag)
-    return query.new_empty(out_shape), query.new_empty(lse_shape, dtype=torch.float32)
+    return (query.new_empty(out_shape, dtype=infer_output_dtype(query, quant_scale2)),
+            query.new_empty(lse_shape, dtype=torch.float32))
 
 
 # ---- npu_prompt_flash_attention ---------------------------------------------------------------------------
@@ -108,7 +117,7 @@ def _pfa_op(query: Tensor, key: Tensor, value: Tensor, padding_mask: Optional[Te
 def _(query, key, value, padding_mask, atten_mask, pse_shift, actual_seq_lengths, deq_scale1, quant_scale1, deq_scale2,
       quant_scale2, quant_offset2, num_heads, scale_value, pre_tokens, next_tokens, input_layout, num_key_value_heads,
       actual_seq_lengths_kv, sparse_mode):
-    return _fake(query, value, num_heads, num_key_value_heads, input_layout, None, False)[0]
+    return _fake(query, value, num_heads, num_key_value_heads, input_layout, None, False, quant_scale2)[0]
 
 
 def npu_prompt_flash_attention(query: Tensor, key: Tensor, value: Tensor, *, padding_mask: Optional[Tensor] = None,
@@ -151,7 +160,7 @@ def _ifa_op(query: Tensor, key: Tensor, value: Tensor, padding_mask: Optional[Te
 def _(query, key, value, padding_mask, atten_mask, pse_shift, actual_seq_lengths, antiquant_scale, antiquant_offset,
       block_table, dequant_scale1, quant_scale1, dequant_scale2, quant_scale2, quant_offset2, kv_padding_size,
       num_heads, scale_value, input_layout, num_key_value_heads, block_size, inner_precise):
-    return _fake(query, value, num_heads, num_key_value_heads, input_layout, block_table, False)[0]
+    return _fake(query, value, num_heads, num_key_value_heads, input_layout, block_table, False, quant_scale2)[0]
 
 
 def npu_incre_flash_attention(query: Tensor, key: Tensor, value: Tensor, *, padding_mask: Optional[Tensor] = None,
@@ -215,7 +224,8 @@ def _(query, key, value, pse_shift, atten_mask, actual_seq_lengths, actual_seq_l
       query_rope, key_rope, key_rope_antiquant_scale, num_heads, scale, pre_tokens, next_tokens, input_layout,
       num_key_value_heads, sparse_mode, inner_precise, block_size, antiquant_mode, key_antiquant_mode,
       value_antiquant_mode, softmax_lse_flag):
-    return _fake(query, value, num_heads, num_key_value_heads, input_layout, block_table, softmax_lse_flag)
+    return _fake(query, value, num_heads, num_key_value_heads, input_layout, block_table, softmax_lse_flag,
+                 quant_scale2)
 
 
 def npu_fused_infer_attention_score(
@@ -284,7 +294,8 @@ def _(query, key, value, query_rope, key_rope, pse_shift, atten_mask, actual_seq
       dequant_offset_value, dequant_scale_key_rope, quant_scale_out, quant_offset_out, learnable_sink,
       num_query_heads, num_key_value_heads, softmax_scale, pre_tokens, next_tokens, input_layout, sparse_mode,
       block_size, key_quant_mode, value_quant_mode, inner_precise, return_softmax_lse):
-    return _fake(query, value, num_query_heads, num_key_value_heads, input_layout, block_table, return_softmax_lse)
+    return _fake(query, value, num_query_heads, num_key_value_heads, input_layout, block_table, return_softmax_lse,
+                 quant_scale_out)
 
 
 def npu_fused_infer_attention_score_v2(
@@ -307,6 +318,9 @@ def npu_fused_infer_attention_score_v2(
     returns (attention_out, softmax_lse). quant_scale_p and the *_dtype arguments are reserved
     (accepted, unused); out_dtype only applies to quantised outputs."""
     op = "npu_fused_infer_attention_score_v2"
+    if quant_scale_out is not None and out_dtype is not None and out_dtype not in (torch.int8, 1):
+        raise ValueError(f"{op}: out_dtype with quant_scale_out must be int8 (other quantised outputs are not "
+                         f"supported by npufa), got {out_dtype!r}")
     return _fia2_op(query, key, value, query_rope, key_rope, pse_shift, atten_mask,
                     _int_list(actual_seq_qlen, f"{op}: actual_seq_qlen"),
                     _int_list(actual_seq_kvlen, f"{op}: actual_seq_kvlen"), block_table, dequant_scale_query, dequant_scale_key,
@@ -337,3 +351,23 @@ def _npu_reshape_and_cache(key: Tensor, value: Tensor, key_cache: Tensor, value_
     """torch_npu._npu_reshape_and_cache: write rows key [T, N, D] / value [T, N, Dv] into the paged caches
     (blocknum, block_size, N, D) at slot_indices (block * block_size + offset; negative slots skipped)."""
     _reshape_and_cache_op(key, value, key_cache, value_cache, slot_indices)
+
+
+# ---- npu_trans_quant_param --------------------------------------------------------------------------------
+
+@torch.library.custom_op("npufa::npu_trans_quant_param", mutates_args=(), device_types="cpu")
+def _trans_quant_param_op(scale: Tensor, offset: Optional[Tensor], round_mode: int) -> Tensor:
+    out = torch.empty(scale.shape, dtype=torch.int64)
+    _C.trans_quant_param(arr(scale), arr(offset), round_mode, out)
+    return out
+
+
+@_trans_quant_param_op.register_fake
+def _(scale, offset, round_mode):
+    return scale.new_empty(scale.shape, dtype=torch.int64)
+
+
+def npu_trans_quant_param(scale: Tensor, offset: Optional[Tensor] = None, round_mode: int = 0) -> Tensor:
+    """torch_npu.npu_trans_quant_param: fp32 scales (and offsets) packed into the int64 (uint64 bits)
+    form that deq_scale1/deq_scale2 accept: scale bits & 0xFFFFE000, bit 46, offset in bits 37-45."""
+    return _trans_quant_param_op(scale, offset, int(round_mode))

@@ -242,7 +242,7 @@ NB_MODULE(_C, m) {
         npufa::InferAttentionParams p = infer_params(kind, args, op);
         if (!out) {  // validation only: the output shapes
           const auto s = npufa::infer_attention_output_shapes(p);
-          return nb::cast(std::make_tuple(s.attention_out, s.softmax_lse));
+          return nb::cast(std::make_tuple(s.attention_out, s.softmax_lse, std::string(npufa::dtype_name(s.attention_out_dtype))));
         }
         p.attention_out = view(*out);
         if (lse) p.softmax_lse = view(*lse);
@@ -268,4 +268,14 @@ NB_MODULE(_C, m) {
         npufa::reshape_and_cache(p);
       },
       nb::arg("key"), nb::arg("value"), nb::arg("key_cache"), nb::arg("value_cache"), nb::arg("slot_indices"));
+
+  m.def(
+      "trans_quant_param",
+      [](const Array& scale, OptArray offset, int round_mode, const Array& out) {
+        const auto sv = view(scale), ov = view(out);
+        std::optional<npufa::TensorView> of;
+        if (offset) of = view(*offset);
+        npufa::trans_quant_param(sv, of, round_mode, ov);
+      },
+      nb::arg("scale"), nb::arg("offset").none(), nb::arg("round_mode"), nb::arg("out"));
 }

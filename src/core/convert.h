@@ -64,6 +64,7 @@ struct Storage;
 template <> struct Storage<DType::F32> { using type = float; };
 template <> struct Storage<DType::F16> { using type = uint16_t; };
 template <> struct Storage<DType::BF16> { using type = uint16_t; };
+template <> struct Storage<DType::I8> { using type = int8_t; };  // int8 K/V (read through Acc4::dq)
 
 template <DType T>
 inline float to_f32(typename Storage<T>::type x) {

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cfloat>
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 #include "kernels/flash_fwd.h"
@@ -27,7 +28,7 @@ struct Scratch {
     kt.resize(padded(Dqk) * kBk);
     v.resize(kBk * padded(Dv));
     s.resize(rp * kBk);
-    o.resize(rp * padded(Dv));
+    o.resize(rp * (padded(Dv) + vec::kW));  // + one vector: Σ p of the folded int8 path
     m.resize(rp);
     l.resize(rp);
   }
@@ -36,7 +37,14 @@ struct Scratch {
 // 16 consecutive elements of a K/V row as fp32.
 template <DType T>
 NPUFA_INLINE vec::vf load16(const St<T>* x) {
-  if constexpr (T == DType::F32) return vec::load(x);
+  if constexpr (T == DType::I8) {
+    // Through int16: GCC 12 scalarises a direct int8 -> int32 vector conversion.
+    typedef int8_t vb __attribute__((vector_size(16)));
+    typedef int16_t vs __attribute__((vector_size(32)));
+    vb v;
+    std::memcpy(&v, x, sizeof v);
+    return __builtin_convertvector(__builtin_convertvector(__builtin_convertvector(v, vs), vec::vi), vec::vf);
+  } else if constexpr (T == DType::F32) return vec::load(x);
   else if constexpr (T == DType::BF16) return vec::bf16x16(x);
   else return vec::f16x16(x);
 }
@@ -56,14 +64,14 @@ NPUFA_INLINE void prefetch_row(const St<T>* x, int64_t w) {
 // Scores of kKeys keys [c, c + kKeys) for rows [r0, r0 + kRb): kKeys x kRb independent FMA chains
 // (one chain per key would wait on the FMA latency), each Q vector loaded once per kKeys keys.
 constexpr int64_t kKeys = 4;
-template <DType T, int NK>
-NPUFA_INLINE void qk_direct_block(const AttnProblem& p, const St<T>* const* k, const St<T>* const* kr, const float* Q,
+template <DType T, DType KT, int NK>
+NPUFA_INLINE void qk_direct_block(const AttnProblem& p, const St<KT>* const* k, const St<T>* const* kr, const float* Q,
                                   int64_t qld, int64_t r0, int64_t R, float* S, int64_t c) {
   using vec::vf;
   vf acc[kRb][NK] = {};
   for (int64_t d = 0; d < p.D; d += vec::kW) {
     vf kv[NK];
-    for (int j = 0; j < NK; ++j) kv[j] = load16<T>(k[j] + d);
+    for (int j = 0; j < NK; ++j) kv[j] = load16<KT>(k[j] + d);
     for (int64_t rr = 0; rr < kRb; ++rr) {
       const vf q = vec::load(Q + (r0 + rr) * qld + d);
       for (int j = 0; j < NK; ++j) acc[rr][j] += q * kv[j];
@@ -81,26 +89,26 @@ NPUFA_INLINE void qk_direct_block(const AttnProblem& p, const St<T>* const* k, c
     for (int j = 0; j < NK; ++j) S[(r0 + rr) * kBk + c + j] = vec::hsum(acc[rr][j]);
 }
 
-template <DType T>
+template <DType T, DType KT>
 NPUFA_INLINE void qk_direct(const AttnProblem& p, int64_t b, int64_t nk, int64_t off, int64_t cols, const float* Q,
                             int64_t qld, int64_t R, float* S, int64_t next_off, int64_t next_cols) {
   for (int64_t c = 0; c < cols; c += kKeys) {
     const int64_t nkeys = std::min(kKeys, cols - c);
-    const St<T>* k[kKeys];
+    const St<KT>* k[kKeys];
     const St<T>* kr[kKeys] = {};
     for (int64_t j = 0; j < nkeys; ++j) {
       if (c + j < next_cols) {
-        prefetch_row<T>(kv_row<T>(p.k, b, nk, next_off + c + j).p, p.D);
-        prefetch_row<T>(kv_row<T>(p.v, b, nk, next_off + c + j).p, p.Dv);
+        prefetch_row<KT>(kv_row<KT>(p.k, b, nk, next_off + c + j).p, p.D);
+        prefetch_row<KT>(kv_row<KT>(p.v, b, nk, next_off + c + j).p, p.Dv);
       }
-      k[j] = kv_row<T>(p.k, b, nk, off + c + j).p;
+      k[j] = kv_row<KT>(p.k, b, nk, off + c + j).p;
       if (p.Dr) kr[j] = kv_row<T>(p.kr, b, nk, off + c + j).p;
     }
     for (int64_t r0 = 0; r0 < R; r0 += kRb) {
       if (nkeys == kKeys)
-        qk_direct_block<T, kKeys>(p, k, kr, Q, qld, r0, R, S, c);
+        qk_direct_block<T, KT, kKeys>(p, k, kr, Q, qld, r0, R, S, c);
       else
-        for (int64_t j = 0; j < nkeys; ++j) qk_direct_block<T, 1>(p, k + j, kr + j, Q, qld, r0, R, S, c + j);
+        for (int64_t j = 0; j < nkeys; ++j) qk_direct_block<T, KT, 1>(p, k + j, kr + j, Q, qld, r0, R, S, c + j);
     }
   }
 }
@@ -108,7 +116,7 @@ NPUFA_INLINE void qk_direct(const AttnProblem& p, int64_t b, int64_t nk, int64_t
 // O[r][d0 .. d0 + 16·NV) += Σ_c P[r][c] · V[c] for rows [r0, r0 + kRb), V rows read in place.
 template <DType T, int NV>
 NPUFA_INLINE void pv_direct_block(const AttnProblem& p, int64_t b, int64_t nk, int64_t off, int64_t cols,
-                                  const float* P, float* O, int64_t dvp, int64_t r0, int64_t d0) {
+                                  const float* P, float* O, int64_t dvp, int64_t r0, int64_t d0) {  // dvp: O's row stride
   using vec::vf;
   vf acc[kRb][NV];
   for (int64_t rr = 0; rr < kRb; ++rr)
@@ -128,22 +136,45 @@ NPUFA_INLINE void pv_direct_block(const AttnProblem& p, int64_t b, int64_t nk, i
 
 template <DType T>
 NPUFA_INLINE void pv_direct(const AttnProblem& p, int64_t b, int64_t nk, int64_t off, int64_t cols, const float* P,
-                            float* O, int64_t dvp, int64_t R) {
+                            float* O, int64_t dvp, int64_t ost, int64_t R) {
   for (int64_t r0 = 0; r0 < R; r0 += kRb)
     for (int64_t d0 = 0; d0 < dvp; d0 += 4 * vec::kW) {
       switch ((dvp - d0) / vec::kW) {
-        case 1: pv_direct_block<T, 1>(p, b, nk, off, cols, P, O, dvp, r0, d0); break;
-        case 2: pv_direct_block<T, 2>(p, b, nk, off, cols, P, O, dvp, r0, d0); break;
-        case 3: pv_direct_block<T, 3>(p, b, nk, off, cols, P, O, dvp, r0, d0); break;
-        default: pv_direct_block<T, 4>(p, b, nk, off, cols, P, O, dvp, r0, d0); break;
+        case 1: pv_direct_block<T, 1>(p, b, nk, off, cols, P, O, ost, r0, d0); break;
+        case 2: pv_direct_block<T, 2>(p, b, nk, off, cols, P, O, ost, r0, d0); break;
+        case 3: pv_direct_block<T, 3>(p, b, nk, off, cols, P, O, ost, r0, d0); break;
+        default: pv_direct_block<T, 4>(p, b, nk, off, cols, P, O, ost, r0, d0); break;
       }
     }
+}
+
+// int8 K/V with per-channel (or per-tensor) scale s and offset o, folded so the tiles stay int8:
+// q·((x + o)·s) = (q·s)·x + (q·s)·o, and Σ p·(x + o)·s = s·(Σ p·x + (Σ p)·o).
+struct Folded {
+  const float *ks = nullptr, *ko = nullptr, *vs = nullptr, *vo = nullptr;  // per channel of KV head nk
+  float kc_s = 1.f, kc_o = 0.f, vc_s = 1.f, vc_o = 0.f;                   // Const factors
+  float k_scale(int64_t d) const { return ks ? ks[d] : kc_s; }
+  float k_off(int64_t d) const { return ko ? ko[d] : kc_o; }
+  float v_scale(int64_t d) const { return vs ? vs[d] : vc_s; }
+  float v_off(int64_t d) const { return vo ? vo[d] : vc_o; }
+};
+Folded folded_of(const AttnProblem& p, int64_t nk) {
+  const auto ch = [](const Factor& f, int64_t off) { return f.kind == Factor::Kind::Channel ? f.ch.data() + off : nullptr; };
+  Folded f;
+  f.ks = ch(p.k.dq.scale, nk * p.k.dq.width), f.ko = ch(p.k.dq.offset, nk * p.k.dq.width);
+  f.vs = ch(p.v.dq.scale, nk * p.v.dq.width), f.vo = ch(p.v.dq.offset, nk * p.v.dq.width);
+  f.kc_s = p.k.dq.scale.value, f.kc_o = p.k.dq.offset.value, f.vc_s = p.v.dq.scale.value, f.vc_o = p.v.dq.offset.value;
+  return f;
 }
 
 bool direct_ok(const AttnProblem& p) {
   const auto whole = [](int64_t n) { return n % vec::kW == 0; };
   const auto unit = [](const Acc4& a) { return a.sd == 1 && (!a.pbase || a.psd == 1); };
-  return whole(p.D) && whole(p.Dv) && whole(p.Dr) && unit(p.k) && unit(p.v) && (p.Dr == 0 || unit(p.kr));
+  const auto foldable = [](const Dequant& q) {  // per-row factors are read the buffered way
+    return q.scale.kind != Factor::Kind::Row && q.offset.kind != Factor::Kind::Row;
+  };
+  return whole(p.D) && whole(p.Dv) && whole(p.Dr) && unit(p.k) && unit(p.v) && (p.Dr == 0 || unit(p.kr)) &&
+         p.k.dq.on == p.v.dq.on && (!p.k.dq.on || (foldable(p.k.dq) && foldable(p.v.dq)));
 }
 
 // The decomposition: per batch, chunks of `chunk` key tiles over the keys its rows can see.
@@ -201,8 +232,10 @@ struct DecodeItem {
     const int64_t Dqk = p.D + p.Dr, dqp = padded(Dqk), Dv = p.Dv, dvp = padded(Dv), ql = sp.q_len, R = p.G * ql;
     // Few rows: K stays in rows and scores are dot products; many rows (big GQA groups or MTP):
     // the transposed tile and the register-blocked product of the prefill kernel.
-    const bool dot = R <= kDotRows, direct = dot && pl.direct;
+    const bool dot = R <= kDotRows, direct = dot && pl.direct, i8 = p.k.dq.on;
     const int64_t qld = dot ? dqp : Dqk;
+    const int64_t ost = direct && i8 ? dvp + vec::kW : dvp;  // O row stride; column dvp holds Σ p when folded
+    alignas(64) float kbias[kDotRows];
     float* Q = sc.q.data();
     float* Kt = sc.kt.data();
     float* V = sc.v.data();
@@ -214,7 +247,15 @@ struct DecodeItem {
       load_rows<T>(p.q, p.D, p.qr, p.Dr, b, nk * p.G + g, sp.q_off, ql, qld, Q + g * ql * qld);
     const int64_t rp = (R + kRb - 1) / kRb * kRb;
     std::fill(Q + R * qld, Q + rp * qld, 0.f);  // load_rows pads per head; the row blocks need whole kRb
-    std::fill(O, O + rp * dvp, 0.f);
+    std::fill(O, O + rp * ost, 0.f);
+    const Folded fo = direct && i8 ? folded_of(p, nk) : Folded{};
+    if (direct && i8)  // q' = q·s_k, bias = q'·o_k
+      for (int64_t r = 0; r < R; ++r) {
+        float* qr = Q + r * qld;
+        float bias = 0.f;
+        for (int64_t d = 0; d < p.D; ++d) qr[d] *= fo.k_scale(d), bias += qr[d] * fo.k_off(d);
+        kbias[r] = bias;
+      }
     std::fill(S + R * kBk, S + rp * kBk, 0.f);  // padding rows of the kRb blocks stay 0
     std::fill(M, M + R, -INFINITY);
     std::fill(L, L + R, 0.f);
@@ -229,9 +270,22 @@ struct DecodeItem {
       const int64_t off = sp.kv_off + j0;
       if (direct) {
         const int64_t next_cols = j0 + kBk < jb ? std::min(kBk, jb - j0 - kBk) : 0;
-        qk_direct<T>(p, b, nk, off, cols, Q, qld, R, S, off + kBk, next_cols);
-        softmax_step<T>(p, sp, b, j0, cols, cls, R, row_at, S, O, dvp, M, L);
-        pv_direct<T>(p, b, nk, off, cols, S, O, dvp, R);
+        if (i8) {
+          qk_direct<T, DType::I8>(p, b, nk, off, cols, Q, qld, R, S, off + kBk, next_cols);
+          for (int64_t r = 0; r < R; ++r)
+            for (int64_t cc = 0; cc < cols; ++cc) S[r * kBk + cc] += kbias[r];
+          softmax_step<T>(p, sp, b, j0, cols, cls, R, row_at, S, O, ost, M, L);  // rescales Σ p too
+          pv_direct<DType::I8>(p, b, nk, off, cols, S, O, dvp, ost, R);
+          for (int64_t r = 0; r < R; ++r) {
+            float sum = 0.f;
+            for (int64_t cc = 0; cc < cols; ++cc) sum += S[r * kBk + cc];
+            O[r * ost + dvp] += sum;
+          }
+        } else {
+          qk_direct<T, T>(p, b, nk, off, cols, Q, qld, R, S, off + kBk, next_cols);
+          softmax_step<T>(p, sp, b, j0, cols, cls, R, row_at, S, O, dvp, M, L);
+          pv_direct<T>(p, b, nk, off, cols, S, O, dvp, dvp, R);
+        }
         continue;
       }
       if (dot) {
@@ -249,7 +303,12 @@ struct DecodeItem {
       float* dst = part + r * (dvp + 2);
       dst[0] = M[r];
       dst[1] = L[r];
-      std::copy(O + r * dvp, O + r * dvp + dvp, dst + 2);
+      const float* o = O + r * ost;
+      if (direct && i8) {  // back from int8 space: s_v·(Σ p·x + (Σ p)·o_v)
+        for (int64_t d = 0; d < dvp; ++d) dst[2 + d] = d < Dv ? fo.v_scale(d) * (o[d] + o[dvp] * fo.v_off(d)) : 0.f;
+      } else {
+        std::copy(o, o + dvp, dst + 2);
+      }
     }
   }
 };

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "core/convert.h"
+#include "kernels/out_quant.h"
 #include "kernels/pse.h"
 #include "kernels/vec.h"
 #include "npufa/dropout.h"
@@ -120,6 +121,22 @@ inline void dropout_row(const AttnProblem& p, int64_t b, int64_t n, int64_t i, i
   }
 }
 
+// Where row s of head n (batch b) lives: element offset from base (or from pbase for shared-prefix
+// rows), its d-stride, and for paged sources the block and offset.
+struct RowLoc {
+  int64_t elem, sd;
+  bool prefix;
+  int64_t blk, off;
+};
+NPUFA_INLINE RowLoc row_loc(const Acc4& a, int64_t b, int64_t n, int64_t s) {
+  if (s < 0 && a.pbase) return {(a.plen + s) * a.pss + n * a.psn, a.psd, true, 0, 0};
+  if (a.table) {
+    const int64_t blk = a.table[b * a.tsb + (s / a.bs) * a.tsw], off = s % a.bs;
+    return {blk * a.sblk + off * a.ss + n * a.sn, a.sd, false, blk, off};
+  }
+  return {b * a.sb + s * a.ss + n * a.sn, a.sd, false, 0, 0};
+}
+
 // Element pointer of row s of head n (batch b) and its d-stride: dense, paged or shared prefix.
 template <DType T>
 struct RowRef {
@@ -128,13 +145,38 @@ struct RowRef {
 };
 template <DType T>
 NPUFA_INLINE RowRef<T> kv_row(const Acc4& a, int64_t b, int64_t n, int64_t s) {
-  if (s < 0 && a.pbase) return {static_cast<const St<T>*>(a.pbase) + (a.plen + s) * a.pss + n * a.psn, a.psd};
-  const auto* base = static_cast<const St<T>*>(a.base);
-  if (a.table) {
-    const int64_t blk = a.table[b * a.tsb + (s / a.bs) * a.tsw];
-    return {base + blk * a.sblk + (s % a.bs) * a.ss + n * a.sn, a.sd};
+  const RowLoc l = row_loc(a, b, n, s);
+  return {static_cast<const St<T>*>(l.prefix ? a.pbase : a.base) + l.elem, l.sd};
+}
+
+inline float load_f32(const void* data, DType t, int64_t i) {
+  switch (t) {
+    case DType::F16: return f16_to_f32(static_cast<const uint16_t*>(data)[i]);
+    case DType::BF16: return bf16_to_f32(static_cast<const uint16_t*>(data)[i]);
+    default: return static_cast<const float*>(data)[i];
   }
-  return {base + b * a.sb + s * a.ss + n * a.sn, a.sd};
+}
+
+// A Row factor's value for row s of head n, batch b (paged ones by the row's block and offset).
+inline float row_factor(const Factor& f, int64_t b, int64_t n, int64_t s, const RowLoc& l) {
+  const int64_t i = f.paged ? l.blk * f.sblk + n * f.sn + l.off * f.soff : b * f.sb + n * f.sn + s * f.ss;
+  return load_f32(f.data, f.dtype, i);
+}
+
+// Elements [x0, x0 + w) of row s of an int8 source dequantised, (x + offset) · scale, into d[0, w).
+constexpr int64_t kMaxDequantRow = 256;
+NPUFA_INLINE void dequant_row(const Acc4& a, int64_t b, int64_t n, int64_t s, int64_t x0, int64_t w, float* d) {
+  const RowLoc l = row_loc(a, b, n, s);
+  const int8_t* x = static_cast<const int8_t*>(a.base) + l.elem + x0 * l.sd;
+  const Dequant& q = a.dq;
+  const float so = q.offset.kind == Factor::Kind::Row ? row_factor(q.offset, b, n, s, l) : q.offset.value;
+  const float ss = q.scale.kind == Factor::Kind::Row ? row_factor(q.scale, b, n, s, l) : q.scale.value;
+  const float* co = q.offset.kind == Factor::Kind::Channel ? q.offset.ch.data() + n * q.width + x0 : nullptr;
+  const float* cs = q.scale.kind == Factor::Kind::Channel ? q.scale.ch.data() + n * q.width + x0 : nullptr;
+  for (int64_t e = 0; e < w; ++e) {
+    const float v = static_cast<float>(x[e * l.sd]) + (co ? co[e] : so);
+    d[e] = v * (cs ? cs[e] : ss);
+  }
 }
 
 // Rows [off, off + rows) of head n into dst [.][ld]: columns [0, w) from a, then [w, w + wr) from
@@ -149,8 +191,9 @@ NPUFA_INLINE void load_rows(const Acc4& a, int64_t w, const Acc4& ar, int64_t wr
       std::fill(d, d + ld, 0.f);
       continue;
     }
-    const RowRef<T> x0 = kv_row<T>(a, b, n, off + r);
-    if (x0.sd == 1)
+    if (a.dq.on) {
+      dequant_row(a, b, n, off + r, 0, w, d);
+    } else if (const RowRef<T> x0 = kv_row<T>(a, b, n, off + r); x0.sd == 1)
       for (int64_t x = 0; x < w; ++x) d[x] = to_f32<T>(x0.p[x]);
     else
       for (int64_t x = 0; x < w; ++x) d[x] = to_f32<T>(x0.p[x * x0.sd]);
@@ -171,8 +214,17 @@ NPUFA_INLINE void load_cols_t(const Acc4& a, int64_t w, const Acc4& ar, int64_t 
       for (int64_t x = 0; x < w + wr; ++x) dst[x * kBk + c] = 0.f;
       continue;
     }
-    const RowRef<T> x0 = kv_row<T>(a, b, n, off + c);
-    for (int64_t x = 0; x < w; ++x) dst[x * kBk + c] = to_f32<T>(x0.p[x * x0.sd]);
+    if (a.dq.on) {
+      alignas(64) float row[kMaxDequantRow];
+      for (int64_t x0 = 0; x0 < w; x0 += kMaxDequantRow) {
+        const int64_t n0 = std::min(kMaxDequantRow, w - x0);
+        dequant_row(a, b, n, off + c, x0, n0, row);
+        for (int64_t x = 0; x < n0; ++x) dst[(x0 + x) * kBk + c] = row[x];
+      }
+    } else {
+      const RowRef<T> x0 = kv_row<T>(a, b, n, off + c);
+      for (int64_t x = 0; x < w; ++x) dst[x * kBk + c] = to_f32<T>(x0.p[x * x0.sd]);
+    }
     if (wr > 0) {
       const RowRef<T> xr = kv_row<T>(ar, b, n, off + c);
       for (int64_t x = 0; x < wr; ++x) dst[(w + x) * kBk + c] = to_f32<T>(xr.p[x * xr.sd]);
@@ -268,30 +320,57 @@ inline void write_row_stats(const AttnProblem& p, int64_t b, int64_t n, int64_t 
   if (p.lse.base) static_cast<float*>(p.lse.base)[p.lse.at(b, n, row, 0)] = lse;
 }
 
+// Output row `row` (absolute) of head n: o[d] · mul in the output's dtype, quantised when the
+// problem has output quantisation; o == nullptr writes zeros (never quantised).
+inline void store_out_row(const AttnProblem& p, int64_t b, int64_t n, int64_t row, const float* o, float mul) {
+  const int64_t base = p.out.at(b, n, row, 0), sd = p.out.sd;
+  switch (p.out_dtype) {
+    case DType::I8: {
+      int8_t* ob = static_cast<int8_t*>(p.out.base) + base;
+      if (!o)
+        for (int64_t d = 0; d < p.Dv; ++d) ob[d * sd] = 0;
+      else
+        quantise_row(p.out_quant, n, p.Dv, o, mul, ob, sd);
+      return;
+    }
+    case DType::F32: {
+      float* ob = static_cast<float*>(p.out.base) + base;
+      for (int64_t d = 0; d < p.Dv; ++d) ob[d * sd] = o ? o[d] * mul : 0.f;
+      return;
+    }
+    case DType::F16: {
+      uint16_t* ob = static_cast<uint16_t*>(p.out.base) + base;
+      for (int64_t d = 0; d < p.Dv; ++d) ob[d * sd] = o ? f32_to_f16(o[d] * mul) : 0;
+      return;
+    }
+    default: {
+      uint16_t* ob = static_cast<uint16_t*>(p.out.base) + base;
+      for (int64_t d = 0; d < p.Dv; ++d) ob[d * sd] = o ? f32_to_bf16(o[d] * mul) : 0;
+      return;
+    }
+  }
+}
+
 // Output row `row` (absolute) of head n from the running max m, sum l and unnormalised o:
 // out = o·mul / (l + sink term). A row that kept nothing is 0 with max -FLT_MAX, sum +FLT_MAX and
 // lse -FLT_MAX, always (decision 4).
 template <DType T>
 NPUFA_INLINE void finish_row(const AttnProblem& p, int64_t b, int64_t n, int64_t row, float m, float l, const float* o,
                              float mul) {
-  auto* ob = static_cast<St<T>*>(p.out.base);
-  const int64_t obase = p.out.at(b, n, row, 0);
   if (m == -INFINITY) {
-    for (int64_t d = 0; d < p.Dv; ++d) ob[obase + d * p.out.sd] = from_f32<T>(0.f);
+    store_out_row(p, b, n, row, nullptr, 0.f);
     write_row_stats(p, b, n, row, -FLT_MAX, FLT_MAX, -FLT_MAX);
     return;
   }
   if (!p.sink.empty()) l += std::exp(p.sink[static_cast<size_t>(n)] - m);  // the sink only widens the denominator (§1.10)
-  const float f = mul / l;
-  for (int64_t d = 0; d < p.Dv; ++d) ob[obase + d * p.out.sd] = from_f32<T>(o[d] * f);
+  store_out_row(p, b, n, row, o, mul / l);
   write_row_stats(p, b, n, row, m, l, m + std::log(l));
 }
 
 // Output rows of a batch with no key at all: 0; training stats 0 (spec §1.8), lse -FLT_MAX.
 template <DType T>
 NPUFA_INLINE void empty_kv_row(const AttnProblem& p, int64_t b, int64_t n, int64_t row) {
-  auto* ob = static_cast<St<T>*>(p.out.base);
-  for (int64_t d = 0; d < p.Dv; ++d) ob[p.out.at(b, n, row, d)] = from_f32<T>(0.f);
+  store_out_row(p, b, n, row, nullptr, 0.f);
   write_row_stats(p, b, n, row, 0.f, 0.f, -FLT_MAX);
 }
 

@@ -11,6 +11,27 @@ namespace npufa {
 
 // Element (b, n, s, d) of a [B, N, S, D]-like tensor, any layout:
 // base + b*sb + (off_b + s)*ss + n*sn + d*sd, with off_b the batch's row offset (TND) or 0.
+// One factor of an int8 source's dequantisation (spec §10.1): a constant, a per-channel vector over
+// (head, d) materialised in fp32, or a value per row (b, n, s) read from a tensor, dense or by the
+// row's paged block and offset.
+struct Factor {
+  enum class Kind { Const, Channel, Row } kind = Kind::Const;
+  float value = 0.f;        // Const
+  std::vector<float> ch;    // Channel: ch[n * width + d]
+  const void* data = nullptr;  // Row
+  DType dtype = DType::F32;
+  int64_t sb = 0, sn = 0, ss = 0;  // Row: element b*sb + n*sn + s*ss (s = position in the batch's sequence)
+  bool paged = false;              // Row paged: element blk*sblk + n*sn + off*soff
+  int64_t sblk = 0, soff = 0;
+};
+
+// An int8 source read as (x + offset) · scale.
+struct Dequant {
+  bool on = false;
+  int64_t width = 0;  // row width (the Channel vectors' stride)
+  Factor scale, offset;
+};
+
 // K/V sources of inference (read through tile::kv_row only) add two ways a row can live elsewhere:
 // - paged: row s of batch b is row s % bs of block table[b * tsb + s / bs]; the block starts at
 //   base + block * sblk (sb unused);
@@ -23,6 +44,7 @@ struct Acc4 {
   int64_t tsb = 0, tsw = 1, bs = 1, sblk = 0;
   const void* pbase = nullptr;
   int64_t plen = 0, pss = 0, psn = 0, psd = 1;
+  Dequant dq;  // int8 storage (KV antiquant, full-int8 pipeline)
   int64_t at(int64_t b, int64_t n, int64_t s, int64_t d) const { return b * sb + n * sn + s * ss + d * sd; }
 };
 
@@ -55,8 +77,17 @@ struct DropoutSpec {
   std::vector<int64_t> batch_base;  // element index of (b, n=0, i=0, j=0) in the mask order
 };
 
+// Output quantisation (spec §10.3): int8 out from the fp32 row; one (per tensor) or Nq·Dv (per
+// channel, c = n·Dv + d) scale/offset values.
+struct OutQuant {
+  bool on = false;
+  std::vector<float> scale, offset;
+};
+
 struct AttnProblem {
-  DType dtype = DType::F32;  // of q, k, v and out
+  DType dtype = DType::F32;      // compute dtype: of q, k, v unless they are int8 (Acc4::dq)
+  DType out_dtype = DType::F32;  // of out (int8 with out_quant)
+  OutQuant out_quant;
   int64_t B = 0, Nq = 0, Nkv = 0, G = 1, D = 0, Dv = 0;
   int64_t Dr = 0;    // rope head dim (MLA): q·k = q·k + q_rope·k_rope; 0 without rope
   std::vector<SeqSpan> seqs;  // per batch

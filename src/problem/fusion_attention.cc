@@ -476,7 +476,7 @@ FusionAttentionCanon canonicalize_fusion_attention(const FusionAttentionParams& 
     fail(kOp, ": query_rope and key_rope must be given together, got ", p.query_rope ? "query_rope only" : "key_rope only");
   c.shapes = output_shapes(layout, d);
   AttnProblem& pr = c.problem;
-  pr.dtype = p.query.dtype;
+  pr.dtype = pr.out_dtype = p.query.dtype;
   pr.Nq = d.Nq;
   pr.Nkv = d.Nkv;
   pr.G = d.Nq / d.Nkv;

@@ -12,6 +12,7 @@
 #include "core/convert.h"
 #include "npufa/error.h"
 #include "problem/checks.h"
+#include "problem/infer_quant.h"
 
 namespace npufa {
 namespace {
@@ -151,32 +152,6 @@ int64_t first_i64(const char* op, const TensorView& t, const char* name) {
   return std::max<int64_t>(0, x);  // negative => 0 (spec §12.1)
 }
 
-// Quantisation arguments: the next issue. v2 and PFA call some of them by other names.
-void reject_quant(const InferAttentionParams& p) {
-  const bool v2 = p.kind == InferOp::FusedV2, pfa = p.kind == InferOp::Prompt;
-  const std::pair<const std::optional<TensorView>*, const char*> args[] = {
-      {&p.dequant_scale1, pfa ? "deq_scale1" : "dequant_scale1"},
-      {&p.quant_scale1, "quant_scale1"},
-      {&p.dequant_scale2, pfa ? "deq_scale2" : "dequant_scale2"},
-      {&p.quant_scale2, v2 ? "quant_scale_out" : "quant_scale2"},
-      {&p.quant_offset2, v2 ? "quant_offset_out" : "quant_offset2"},
-      {&p.antiquant_scale, "antiquant_scale"},
-      {&p.antiquant_offset, "antiquant_offset"},
-      {&p.key_antiquant_scale, v2 ? "dequant_scale_key" : "key_antiquant_scale"},
-      {&p.key_antiquant_offset, v2 ? "dequant_offset_key" : "key_antiquant_offset"},
-      {&p.value_antiquant_scale, v2 ? "dequant_scale_value" : "value_antiquant_scale"},
-      {&p.value_antiquant_offset, v2 ? "dequant_offset_value" : "value_antiquant_offset"},
-      {&p.key_rope_antiquant_scale, v2 ? "dequant_scale_key_rope" : "key_rope_antiquant_scale"}};
-  for (const auto& [t, name] : args)
-    if (t->has_value()) fail(p.op, ": ", name, " (quantisation) is not yet supported by npufa");
-  if (p.dequant_scale_query)
-    fail(p.op, ": dequant_scale_query (MLA full quantisation) is not supported by npufa (decision 7)");
-  if (p.query.dtype == DType::I8)
-    fail(p.op, ": an int8 query (full-int8 pipeline) is not yet supported by npufa");
-  if (p.key.dtype == DType::I8 || p.value.dtype == DType::I8)
-    fail(p.op, ": int8 key/value (KV antiquant) are not yet supported by npufa");
-}
-
 // The op's own names for the arguments the Params struct holds under FIA v1's names.
 struct ArgNames {
   const char *heads = "num_heads", *qlen = "actual_seq_lengths", *kvlen = "actual_seq_lengths_kv";
@@ -283,6 +258,9 @@ void build_mask(Ctx& c, AttnProblem& pr) {
   if (c.decode || mode == 1) return;
 
   const int64_t pre = sat(p.pre_tokens), next = sat(p.next_tokens);
+  if ((mode == 0 || mode == 4) && pr.out_dtype == DType::I8 && (pre < 0 || next < 0))
+    fail(op, ": an int8 output (", p.kind == InferOp::FusedV2 ? "quant_scale_out" : "quant_scale2",
+         ") cannot be combined with negative pre_tokens/next_tokens, got ", p.pre_tokens, " and ", p.next_tokens);
   if ((mode == 0 || mode == 4) && pre < 0 && next < 0)
     fail(op, ": pre_tokens and next_tokens must not both be negative (no valid data block), got pre_tokens = ",
          p.pre_tokens, ", next_tokens = ", p.next_tokens);
@@ -330,15 +308,11 @@ InferCanon canonicalize_infer_attention(const InferAttentionParams& p, bool with
   const char* lname = c.lay.name;
   InferCanon res;
   AttnProblem& pr = res.problem;
-  reject_quant(p);
-
   const TensorView &q = p.query, &k = p.key, &v = p.value;
-  if (!is_float(q.dtype))
-    fail<TypeError>(op, ": query must be float16, bfloat16 or float32, got ", dtype_name(q.dtype));
-  if (k.dtype != q.dtype || v.dtype != q.dtype)
-    fail<TypeError>(op, ": key and value must have the query's dtype ", dtype_name(q.dtype), ", got key ",
-                    dtype_name(k.dtype), ", value ", dtype_name(v.dtype));
-  pr.dtype = q.dtype;
+  const QuantPlan qp = plan_quant(p);
+  pr.dtype = qp.compute;
+  pr.out_dtype = qp.out;
+  res.shapes.attention_out_dtype = qp.out;
   const ArgNames& an = c.an;
   if (p.num_heads <= 0) fail(op, ": ", an.heads, " must be positive, got ", p.num_heads);
   if (p.num_key_value_heads < 0) fail(op, ": num_key_value_heads must be >= 0, got ", p.num_key_value_heads);
@@ -558,10 +532,16 @@ InferCanon canonicalize_infer_attention(const InferAttentionParams& p, bool with
     }
   }
 
+  int64_t max_pos = 0;
   for (const SeqSpan& s : seqs) {
     c.max_q = std::max(c.max_q, s.q_len);
     c.max_kv = std::max(c.max_kv, s.kv_len);
+    max_pos = std::max(max_pos, s.kv_off + s.kv_len);
   }
+  QuantShape qs;
+  qs.B = c.B, qs.Nq = c.Nq, qs.Nkv = c.Nkv, qs.D = c.D, qs.Dv = c.Dv, qs.packed = tnd, qs.paged = paged;
+  qs.blocknum = paged ? k.size(0) : 0, qs.block_size = p.block_size, qs.max_pos = max_pos;
+  build_quant(p, qp, qs, pr);
   build_mask(c, pr);
   build_pse(c, pr);
 
@@ -596,7 +576,7 @@ InferCanon canonicalize_infer_attention(const InferAttentionParams& p, bool with
   res.fill_S = c.Sq;
   res.partial_rows = covered < B_or_1 * c.Sq;
   if (with_outputs) {
-    check_tensor(op, p.attention_out, "attention_out", q.dtype, res.shapes.attention_out);
+    check_tensor(op, p.attention_out, "attention_out", pr.out_dtype, res.shapes.attention_out);
     pr.out = acc_of(p.attention_out, oa, c.Dv);
     if (res.lse) {
       check_tensor(op, p.softmax_lse, "softmax_lse", DType::F32, res.shapes.softmax_lse);

@@ -41,19 +41,21 @@ struct InferAttentionParams {
   bool softmax_lse_flag = false;
 
   // Quantisation arguments (spec §10), by their v1 names (v2's dequant_* map onto the
-  // key_/value_antiquant_* ones, quant_*_out onto quant_scale2/offset2). Not supported yet.
+  // key_/value_antiquant_* ones, quant_*_out onto quant_scale2/offset2). key_rope_antiquant_scale
+  // is reserved (unused); dequant_scale_query is refused (decision 7).
   std::optional<TensorView> dequant_scale1, quant_scale1, dequant_scale2, quant_scale2, quant_offset2;
   std::optional<TensorView> antiquant_scale, antiquant_offset, key_antiquant_scale, key_antiquant_offset,
       value_antiquant_scale, value_antiquant_offset, key_rope_antiquant_scale, dequant_scale_query;
   int64_t antiquant_mode = 0, key_antiquant_mode = 0, value_antiquant_mode = 0;
 
   // Outputs, allocated by the caller with the shapes of infer_attention_output_shapes().
-  TensorView attention_out;  // query dtype
+  TensorView attention_out;  // dtype: InferAttentionShapes::attention_out_dtype
   TensorView softmax_lse;    // fp32; ignored unless softmax_lse_flag
 };
 
 struct InferAttentionShapes {
   std::vector<int64_t> attention_out, softmax_lse;  // softmax_lse is [0] when not requested
+  DType attention_out_dtype = DType::F32;           // query dtype; int8 when quantised; fp16 for an int8 query
 };
 
 // Validates every rule of the op (throws ValueError/TypeError) and returns the output shapes.
@@ -71,5 +73,11 @@ struct ReshapeAndCacheParams {
   TensorView key, value, key_cache, value_cache, slot_indices;
 };
 void reshape_and_cache(const ReshapeAndCacheParams& p);
+
+// torch_npu.npu_trans_quant_param: each fp32 scale's bits & 0xFFFFE000 (round_mode 1: rounded to
+// those 19 bits first) with bit 46 set, and an optional offset clamp(round(offset), -256, 255) in
+// bits 37-45; into `out` (int64, the shape of scale). offset: one value or one per scale.
+void trans_quant_param(const TensorView& scale, const std::optional<TensorView>& offset, int round_mode,
+                       const TensorView& out);
 
 }  // namespace npufa
