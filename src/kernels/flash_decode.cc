@@ -20,19 +20,7 @@ using namespace tile;
 constexpr int64_t kDotRows = 16;
 constexpr int64_t kTargetItems = 128;
 
-struct Scratch {
-  std::vector<float> q, kt, v, s, o, m, l;
-  void reserve(int64_t R, int64_t Dqk, int64_t Dv) {
-    const int64_t rp = (R + kRb - 1) / kRb * kRb;
-    q.resize((rp + kRb) * padded(Dqk));  // each head's load pads to whole kRb rows
-    kt.resize(padded(Dqk) * kBk);
-    v.resize(kBk * padded(Dv));
-    s.resize(rp * kBk);
-    o.resize(rp * (padded(Dv) + vec::kW));  // + one vector: Σ p of the folded int8 path
-    m.resize(rp);
-    l.resize(rp);
-  }
-};
+using Scratch = FwdScratch;
 
 // 16 consecutive elements of a K/V row as fp32.
 template <DType T>
@@ -373,7 +361,7 @@ void flash_decode(const AttnProblem& p) {
     const SeqSpan& sp = p.seqs[static_cast<size_t>(b)];
     if (sp.q_len == 0) return;
     Scratch& sc = scratch[static_cast<size_t>(tid)];
-    if (sc.q.empty()) sc.reserve(maxR, p.D + p.Dr, p.Dv);
+    if (sc.q.empty()) sc.reserve(maxR, kRb, p.D + p.Dr, p.Dv, vec::kW);  // each head's Q load pads to whole kRb rows; + Σ p column
     const int64_t R = p.G * sp.q_len;
     float* part = parts.data() + pl.part_start[static_cast<size_t>(b)] + (nk * pl.nchunks[static_cast<size_t>(b)] + c) * R * (dvp + 2);
     if (sp.kv_len == 0) {  // nothing to read: an empty partial

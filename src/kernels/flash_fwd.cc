@@ -16,18 +16,7 @@ namespace {
 
 using namespace tile;
 
-struct Scratch {
-  std::vector<float> q, kt, v, s, o, m, l;
-  void reserve(int64_t D, int64_t Dv) {
-    q.resize(kBq * D);
-    kt.resize(D * kBk);
-    v.resize(kBk * padded(Dv));
-    s.resize(kBq * kBk);
-    o.resize(kBq * padded(Dv));
-    m.resize(kBq);
-    l.resize(kBq);
-  }
-};
+using Scratch = FwdScratch;
 
 // One work item: (batch b, query head n, query rows [i0, i0 + kBq)).
 struct FwdItem {
@@ -89,7 +78,7 @@ void flash_forward(const AttnProblem& p) {
   parallel_for(grid.size(), nthreads, [&](int64_t it, int tid) {
     const ItemGrid::Item item = grid.at(it);
     Scratch& sc = scratch[static_cast<size_t>(tid)];
-    if (sc.q.empty()) sc.reserve(p.D + p.Dr, p.Dv);
+    if (sc.q.empty()) sc.reserve(kBq, 0, p.D + p.Dr, p.Dv, 0);
     item_fn(&p, item.b, item.head, item.row0, &sc);
   });
 }

@@ -374,6 +374,23 @@ NPUFA_INLINE void empty_kv_row(const AttnProblem& p, int64_t b, int64_t n, int64
   write_row_stats(p, b, n, row, 0.f, 0.f, -FLT_MAX);
 }
 
+// Per-thread buffers of the forward kernels for up to `rows` query rows: Q rows (with `extra` spare
+// rows), a K tile (transposed [Dqk][kBk] or in rows [kBk][pad(Dqk)]), a V tile, scores, the output
+// accumulator (rows of pad(Dv) + `ocols` floats) and the running max and sum.
+struct FwdScratch {
+  std::vector<float> q, kt, v, s, o, m, l;
+  void reserve(int64_t rows, int64_t extra, int64_t Dqk, int64_t Dv, int64_t ocols) {
+    const int64_t rp = (rows + kRb - 1) / kRb * kRb;
+    q.resize((rp + extra) * padded(Dqk));
+    kt.resize(padded(Dqk) * kBk);
+    v.resize(kBk * padded(Dv));
+    s.resize(rp * kBk);
+    o.resize(rp * (padded(Dv) + ocols));
+    m.resize(rp);
+    l.resize(rp);
+  }
+};
+
 // Keys any of rows [i0, i0 + rows) can see lie in [*lo, *hi) (bands are monotone in the row).
 inline void tile_key_range(const AttnProblem& p, int64_t b, int64_t i0, int64_t rows, int64_t* lo, int64_t* hi) {
   const int64_t skv = p.seqs[static_cast<size_t>(b)].kv_len;
