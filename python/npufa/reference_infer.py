@@ -21,7 +21,8 @@ Conventions (see docs/inference.md):
   * decode (query S == 1, non-TND layout) ignores sparse_mode, pre_tokens, next_tokens and the query
     lengths; the mask is applied as is.
   * query head n reads KV head n // (Nq / Nkv).
-  * attention_out has the query's dtype; softmax_lse is float32 ([0] when not requested).
+  * attention_out has the query's dtype (int8 with output quantisation, fp16 for an int8 query); softmax_lse is
+    float32 ([0] when not requested).
 
 Quantisation (spec §10, docs/inference.md "Quantisation"):
   * KV antiquant (int8 key/value, float query): k = (k_i8 + offset)·scale and v likewise, exactly in float64,
@@ -38,6 +39,7 @@ Invalid input raises ValueError with a short message; the checks are not exhaust
 
 import math
 import struct
+from collections import namedtuple
 
 import torch
 
@@ -386,9 +388,12 @@ def _antiquant_param(t, mode, *, nkv, d, bsz, pool, tnd, op, name):
     _fail(op, f"{name} of shape {shape} does not fit antiquant mode {mode} ({where})")
 
 
+_Antiquant = namedtuple("_Antiquant", "per_token scale offset")  # resolved antiquant of the key or the value
+
+
 def _resolve_antiquant(picked, *, nkv, dk, dv, bsz, pool, tnd, op):
-    """{"key"/"value": (scale, offset, mode)} -> {"key"/"value": (per_token, scale, offset)} (see _antiquant_param;
-    offset None = 0).  An offset must have the form of its scale."""
+    """{"key"/"value": (scale, offset, mode)} -> {"key"/"value": _Antiquant} (see _antiquant_param; offset None = 0).
+    An offset must have the form of its scale."""
     out = {}
     for which, d in (("key", dk), ("value", dv)):
         scale, offset, mode = picked[which]
@@ -400,7 +405,7 @@ def _resolve_antiquant(picked, *, nkv, dk, dv, bsz, pool, tnd, op):
             if off_per_token != per_token or off.shape != sc.shape:
                 _fail(op, f"the {which} antiquant offset {tuple(offset.shape)} does not match its scale "
                           f"{tuple(scale.shape)}")
-        out[which] = (per_token, sc, off)
+        out[which] = _Antiquant(per_token, sc, off)
     return out
 
 
@@ -411,7 +416,7 @@ def _dequant(x, scale, offset):
 
 def _dequant_positions(x, aq, b, start, end, op, which):
     """Per-token antiquant of batch b's tokens x [Nkv, L, D], which sit at positions [start, end) of its KV sequence."""
-    _, scale, offset = aq
+    scale, offset = aq.scale, aq.offset
     if scale.shape[-1] < end:
         _fail(op, f"the per-token {which} antiquant scale covers {scale.shape[-1]} positions, batch {b} reads {end}")
     sc = scale[b, :, start:end].unsqueeze(-1)  # [1 or Nkv, L, 1]
@@ -663,10 +668,10 @@ def _infer(op, query, key, value, *, input_layout, num_heads, num_key_value_head
         aq = _resolve_antiquant(antiquant, nkv=nkv, dk=k_all.shape[-1], dv=dv, bsz=bsz,
                                 pool=(k_all.shape[0], block_size) if paged else None, tnd=tnd, op=op)
         key_aq, value_aq = aq["key"], aq["value"]
-        if not key_aq[0]:
-            k_all = _dequant(k_all, key_aq[1], key_aq[2])
-        if not value_aq[0]:
-            v_all = _dequant(v_all, value_aq[1], value_aq[2])
+        if not key_aq.per_token:
+            k_all = _dequant(k_all, key_aq.scale, key_aq.offset)
+        if not value_aq.per_token:
+            v_all = _dequant(v_all, value_aq.scale, value_aq.offset)
 
     # ---- full int8: s = (q_i8·k_i8)·dequant_scale1·scale + pse,  o = Σ p·v_i8 · quant_scale1·dequant_scale2 / l ----
     score_scale, out_factor = scale, None
@@ -720,9 +725,9 @@ def _infer(op, query, key, value, *, input_layout, num_heads, num_key_value_head
             continue  # no valid row, or (decode, left padding) no valid key: 0 / -FLT_MAX
         q_b = q[:, qs:qe] if tnd else q[b, :, qs:qe]  # [Nq, Sq_b, D]
         k_b, v_b = own_keys(k_all, b), own_keys(v_all, b)  # [Nkv, L, D]
-        if key_aq is not None and key_aq[0]:  # per-token antiquant: by the token's position in the KV sequence
+        if key_aq is not None and key_aq.per_token:  # per-token antiquant: by the token's position in its KV sequence
             k_b = _dequant_positions(k_b, key_aq, b, *kv_win[b], op, "key")
-        if value_aq is not None and value_aq[0]:
+        if value_aq is not None and value_aq.per_token:
             v_b = _dequant_positions(v_b, value_aq, b, *kv_win[b], op, "value")
         if prefix_k is not None:
             k_b, v_b = torch.cat([prefix_k, k_b], dim=1), torch.cat([prefix_v, v_b], dim=1)

@@ -26,12 +26,11 @@ using Scratch = FwdScratch;
 template <DType T>
 NPUFA_INLINE vec::vf load16(const St<T>* x) {
   if constexpr (T == DType::I8) {
-    // Through int16: GCC 12 scalarises a direct int8 -> int32 vector conversion.
-    typedef int8_t vb __attribute__((vector_size(16)));
-    typedef int16_t vs __attribute__((vector_size(32)));
-    vb v;
-    std::memcpy(&v, x, sizeof v);
-    return __builtin_convertvector(__builtin_convertvector(__builtin_convertvector(v, vs), vec::vi), vec::vf);
+    // Written element by element: GCC 12 turns this into vpmovsxbd + vcvtdq2ps, while a vector
+    // int8 -> int32 __builtin_convertvector is scalarised.
+    const vec::vi w = {x[0], x[1], x[2],  x[3],  x[4],  x[5],  x[6],  x[7],
+                       x[8], x[9], x[10], x[11], x[12], x[13], x[14], x[15]};
+    return __builtin_convertvector(w, vec::vf);
   } else if constexpr (T == DType::F32) return vec::load(x);
   else if constexpr (T == DType::BF16) return vec::bf16x16(x);
   else return vec::f16x16(x);

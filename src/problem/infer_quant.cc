@@ -187,6 +187,8 @@ QuantPlan plan_quant(const InferAttentionParams& p) {
   QuantPlan qp;
   if (p.dequant_scale_query)
     fail(op, ": dequant_scale_query (MLA full quantisation) is not supported by npufa (decision 7)");
+  if (q.dtype != DType::I8 && !is_float(q.dtype))
+    fail<TypeError>(op, ": query must be float16, bfloat16, float32 or int8, got ", dtype_name(q.dtype));
   if (k.dtype == DType::I32 || v.dtype == DType::I32)
     fail(op, ": int4 key/value (packed in int32) are not supported by npufa (decision 7)");
   if (p.quant_offset2 && !p.quant_scale2) fail(op, ": ", nm.qo2, " needs ", nm.qs2);

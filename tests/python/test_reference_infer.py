@@ -633,10 +633,8 @@ def test_errors():
     table[0, 1] = 7  # block id outside the pool
     with pytest.raises(ValueError):
         IFA(q[:, :, :1], k3, k3, block_table=table, block_size=4, actual_seq_lengths=[5], **kw)
-    with pytest.raises(NotImplementedError):
-        FIA(q, k, k, quant_scale2=torch.ones(1), **kw)
-    with pytest.raises(NotImplementedError):
-        IFA(q[:, :, :1], k.to(torch.int8), k.to(torch.int8), antiquant_scale=torch.ones(2), **kw)
+    with pytest.raises(ValueError):  # antiquant scales need int8 key/value
+        IFA(q[:, :, :1], k, k, antiquant_scale=torch.ones(2), **kw)
 
 
 # ------------------------------------------------------------------------------------------------

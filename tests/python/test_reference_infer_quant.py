@@ -213,7 +213,8 @@ def test_separate_antiquant_equals_dequantise_by_hand(op, sq, pool_dim, kspec, v
         antiquant_case(op, layout, sq, kspec, vspec, pool_dim=pool_dim, offsets=offsets, seed=10 * i + sq)
 
 
-_COMBINED = [(0, "N1D"), (0, "ND"), (0, "H"), (0, "t0"), (0, "t1"), (1, "BS")]  # (2,Nkv,1,D) (2,Nkv,D) (2,H) (2,) (2,1) (2,B,S)
+# stacked: (2, Nkv, 1, D), (2, Nkv, D), (2, H), (2,), (2, 1), (2, B, KV_S)
+_COMBINED = [(0, "N1D"), (0, "ND"), (0, "H"), (0, "t0"), (0, "t1"), (1, "BS")]
 
 
 @pytest.mark.parametrize("op", [FIA, IFA], ids=["fia", "ifa"])
@@ -559,9 +560,6 @@ def test_output_quant_matches_numpy_formula(per_channel, layout):
     expect = {"BSH": to_layout(canon, "BSH"), "BSND": to_layout(canon, "BSND"), "BNSD": canon,
               "NBSD": canon.permute(1, 0, 2, 3)}[out_kind]
     same(got, expect.contiguous())
-    # the float output of the same problem, quantised by numpy, agrees (o is the fp32 value of the row)
-    fo, _ = FIA(to_layout(q, in_kind), to_layout(k, in_kind), to_layout(v, in_kind), input_layout=layout, **kw)
-    assert fo.dtype == F64
 
 
 @pytest.mark.parametrize("per_channel", [False, True])
@@ -615,7 +613,8 @@ def test_fp16_rounding_helper_is_correctly_rounded():
                                                                                dtype=F64)])
     x = torch.cat([x, -x])
     got = ref._to_fp16(x)
-    want = torch.from_numpy(x.numpy().astype(np.float16))
+    with np.errstate(over="ignore"):
+        want = torch.from_numpy(x.numpy().astype(np.float16))
     assert torch.equal(got.view(torch.int16), want.view(torch.int16))
 
 
