@@ -20,7 +20,7 @@ void infer_attention(const InferAttentionParams& p) {
   const AttnProblem& pr = c.problem;
   // Rows outside every valid query window: output 0, lse -FLT_MAX (decision 12, docs/inference.md).
   if (c.partial_rows) {
-    const int esz = dtype_size(pr.dtype);
+    const int esz = dtype_size(pr.out_dtype);  // int8 / fp16 outputs of quantised calls differ from the compute dtype
     char* o = static_cast<char*>(pr.out.base);
     parallel_for(c.fill_B * pr.Nq, [&](int64_t it, int) {
       const int64_t b = it / pr.Nq, n = it % pr.Nq;

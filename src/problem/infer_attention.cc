@@ -258,13 +258,14 @@ void build_mask(Ctx& c, AttnProblem& pr) {
   if (c.decode || mode == 1) return;
 
   const int64_t pre = sat(p.pre_tokens), next = sat(p.next_tokens);
-  if ((mode == 0 || mode == 4) && pr.out_dtype == DType::I8 && (pre < 0 || next < 0))
+  const bool band_ignored = mode == 0 && (c.left_q || c.left_kv);  // left padding: pre/next ignored (§12.1)
+  if ((mode == 0 || mode == 4) && !band_ignored && pr.out_dtype == DType::I8 && (pre < 0 || next < 0))
     fail(op, ": an int8 output (", p.kind == InferOp::FusedV2 ? "quant_scale_out" : "quant_scale2",
          ") cannot be combined with negative pre_tokens/next_tokens, got ", p.pre_tokens, " and ", p.next_tokens);
   if ((mode == 0 || mode == 4) && pre < 0 && next < 0)
     fail(op, ": pre_tokens and next_tokens must not both be negative (no valid data block), got pre_tokens = ",
          p.pre_tokens, ", next_tokens = ", p.next_tokens);
-  if (mode == 0 && (c.left_q || c.left_kv)) return;  // left padding: pre/next ignored (§12.1)
+  if (band_ignored) return;
   ms.band.resize(static_cast<size_t>(B));
   for (int64_t b = 0; b < B; ++b) {
     const SeqSpan& s = pr.seqs[static_cast<size_t>(b)];

@@ -217,6 +217,9 @@ QuantPlan plan_quant(const InferAttentionParams& p) {
     fail(op, ": ", p.dequant_scale1 ? nm.deq1 : p.quant_scale1 ? nm.qs1 : nm.deq2,
          " belongs to the full-int8 pipeline (int8 query, key and value), got a ", dtype_name(q.dtype), " query");
   if (k.dtype == DType::I8 && v.dtype == DType::I8) {
+    if (p.kind == InferOp::Prompt)
+      fail(op, ": int8 key/value need an int8 query (the full-int8 pipeline with ", nm.deq1, ", ", nm.qs1, " and ",
+           nm.deq2, "); PFA has no KV antiquant, got a ", dtype_name(q.dtype), " query");
     const bool sep = p.key_antiquant_scale || p.value_antiquant_scale;
     if (!sep && !p.antiquant_scale)
       fail(op, ": int8 key/value need their antiquant scales (",
@@ -230,7 +233,10 @@ QuantPlan plan_quant(const InferAttentionParams& p) {
                     " (or both be int8 with antiquant scales), got key ", dtype_name(k.dtype), ", value ",
                     dtype_name(v.dtype));
   } else if (any_antiquant(p)) {
-    fail(op, ": antiquant scales/offsets need int8 key and value, got ", dtype_name(k.dtype));
+    fail(op, ": ",
+         p.kind == InferOp::FusedV2 ? "dequant_scale_key/dequant_scale_value (and their offsets)"
+                                    : "antiquant scales/offsets",
+         " need int8 key and value, got ", dtype_name(k.dtype));
   }
   qp.compute = q.dtype;
   qp.out = p.quant_scale2 ? DType::I8 : q.dtype;
