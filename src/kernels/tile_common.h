@@ -131,7 +131,8 @@ struct RowLoc {
 NPUFA_INLINE RowLoc row_loc(const Acc4& a, int64_t b, int64_t n, int64_t s) {
   if (s < 0 && a.pbase) return {(a.plen + s) * a.pss + n * a.psn, a.psd, true, 0, 0};
   if (a.table) {
-    const int64_t blk = a.table[b * a.tsb + (s / a.bs) * a.tsw], off = s % a.bs;
+    const int64_t q = a.bs_shift >= 0 ? s >> a.bs_shift : s / a.bs, off = s - q * a.bs;
+    const int64_t blk = a.table[b * a.tsb + q * a.tsw];
     return {blk * a.sblk + off * a.ss + n * a.sn, a.sd, false, blk, off};
   }
   return {b * a.sb + s * a.ss + n * a.sn, a.sd, false, 0, 0};

@@ -42,6 +42,7 @@ struct Acc4 {
   int64_t sb = 0, sn = 0, ss = 0, sd = 1;
   const int32_t* table = nullptr;
   int64_t tsb = 0, tsw = 1, bs = 1, sblk = 0;
+  int bs_shift = -1;  // log2(bs) when bs is a power of two (no division per row)
   const void* pbase = nullptr;
   int64_t plen = 0, pss = 0, psn = 0, psd = 1;
   Dequant dq;  // int8 storage (KV antiquant, full-int8 pipeline)

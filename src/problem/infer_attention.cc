@@ -184,6 +184,7 @@ Acc4 paged_acc(const Ctx& c, const TensorView& t, const char* name, const Tensor
   a.tsb = bt.stride(0);
   a.tsw = bt.stride(1);
   a.bs = bs;
+  if ((bs & (bs - 1)) == 0) a.bs_shift = __builtin_ctzll(static_cast<unsigned long long>(bs));
   if (t.dim() == 3) {
     if (t.size(1) != bs || t.size(2) % c.Nkv != 0)
       fail(op, ": paged ", name, " must have shape (blocknum, block_size = ", bs, ", num_key_value_heads x D) with ",
