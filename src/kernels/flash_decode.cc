@@ -223,13 +223,7 @@ struct DecodeItem {
     const int64_t qld = dot ? dqp : Dqk;
     const int64_t ost = direct && i8 ? dvp + vec::kW : dvp;  // O row stride; column dvp holds Σ p when folded
     alignas(64) float kbias[kDotRows];
-    float* Q = sc.q.data();
-    float* Kt = sc.kt.data();
-    float* V = sc.v.data();
-    float* S = sc.s.data();
-    float* O = sc.o.data();
-    float* M = sc.m.data();
-    float* L = sc.l.data();
+    const auto [Q, Kt, V, S, O, M, L] = sc.ptrs();
     for (int64_t g = 0; g < p.G; ++g)
       load_rows<T>(p.q, p.D, p.qr, p.Dr, b, nk * p.G + g, sp.q_off, ql, qld, Q + g * ql * qld);
     const int64_t rp = (R + kRb - 1) / kRb * kRb;

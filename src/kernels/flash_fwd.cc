@@ -33,13 +33,7 @@ struct FwdItem {
       return;
     }
 
-    float* Q = sc.q.data();
-    float* Kt = sc.kt.data();
-    float* V = sc.v.data();
-    float* S = sc.s.data();
-    float* O = sc.o.data();
-    float* M = sc.m.data();
-    float* L = sc.l.data();
+    const auto [Q, Kt, V, S, O, M, L] = sc.ptrs();
     const int64_t dvp = padded(Dv);
     load_rows<T>(p.q, p.D, p.qr, p.Dr, b, n, sp.q_off + i0, rows, Dqk, Q);
     std::fill(O, O + rows * dvp, 0.f);

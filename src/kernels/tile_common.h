@@ -390,6 +390,8 @@ struct FwdScratch {
     m.resize(rp);
     l.resize(rp);
   }
+  // {Q, K tile, V tile, scores, accumulator, max, sum}
+  std::array<float*, 7> ptrs() { return {q.data(), kt.data(), v.data(), s.data(), o.data(), m.data(), l.data()}; }
 };
 
 // Keys any of rows [i0, i0 + rows) can see lie in [*lo, *hi) (bands are monotone in the row).
