@@ -126,7 +126,7 @@ inline void load_row_stats(const Shared& sh, int64_t b, int64_t n, int64_t i0, i
 
 // Pass 1: (batch b, KV head nk, keys [j0, j0 + kBk)) -> dK, dV over the GQA group and all queries.
 struct KvItem {
-  template <DType T>
+  template <DType T, int Isa>
   NPUFA_INLINE static void run(const Shared* shp, int64_t b, int64_t nk, int64_t j0, BwdScratch* scp) {
     const Shared& sh = *shp;
     const AttnProblem& p = *sh.p;
@@ -168,7 +168,7 @@ struct KvItem {
 
 // Pass 2: (batch b, query head n, rows [i0, i0 + kBq)) -> dQ, dpse, dsink.
 struct QItem {
-  template <DType T>
+  template <DType T, int Isa>
   NPUFA_INLINE static void run(const Shared* shp, int64_t b, int64_t n, int64_t i0, BwdScratch* scp, int part,
                               double* dsink) {
     const Shared& sh = *shp;
@@ -218,7 +218,7 @@ struct QItem {
 
 // Δ_i = dY_i · O_i in fp32 for every row of (b, n).
 struct DeltaItem {
-  template <DType T>
+  template <DType T, int Isa>
   NPUFA_INLINE static void run(Shared* shp, int64_t b, int64_t n) {
     Shared& sh = *shp;
     const AttnProblem& p = *sh.p;

@@ -12,6 +12,14 @@
 #include "kernels/tile_common.h"
 #include "npufa/parallel.h"
 
+// Declares the F16C / AVX-512 builtins used by the levels that have them (GCC declares target
+// builtins once a target naming them has been seen).
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#pragma GCC push_options
+#pragma GCC target("avx512f,f16c")
+#pragma GCC pop_options
+#endif
+
 namespace npufa {
 namespace {
 
@@ -22,8 +30,9 @@ constexpr int64_t kTargetItems = 128;
 
 using Scratch = FwdScratch;
 
-// 16 consecutive elements of a K/V row as fp32.
-template <DType T>
+// 16 consecutive elements of a K/V row as fp32. fp16 uses F16C's vcvtph2ps where the level has it
+// (a builtin, not the intrinsic: it is expanded only once inlined into the level's entry).
+template <DType T, int Isa>
 NPUFA_INLINE vec::vf load16(const St<T>* x) {
   if constexpr (T == DType::I8) {
     // Written element by element: GCC 12 turns this into vpmovsxbd + vcvtdq2ps, while a vector
@@ -31,9 +40,31 @@ NPUFA_INLINE vec::vf load16(const St<T>* x) {
     const vec::vi w = {x[0], x[1], x[2],  x[3],  x[4],  x[5],  x[6],  x[7],
                        x[8], x[9], x[10], x[11], x[12], x[13], x[14], x[15]};
     return __builtin_convertvector(w, vec::vf);
-  } else if constexpr (T == DType::F32) return vec::load(x);
-  else if constexpr (T == DType::BF16) return vec::bf16x16(x);
-  else return vec::f16x16(x);
+  } else if constexpr (T == DType::F32) {
+    return vec::load(x);
+  } else if constexpr (T == DType::BF16) {
+    return vec::bf16x16(x);
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+  } else if constexpr (Isa >= kIsaV4) {
+    typedef short v16hi __attribute__((vector_size(32)));
+    v16hi h;
+    std::memcpy(&h, x, sizeof h);
+    return __builtin_ia32_vcvtph2ps512_mask(h, vec::vf{}, static_cast<unsigned short>(0xffff), 4);
+  } else if constexpr (Isa >= kIsaV3) {
+    typedef short v8hi __attribute__((vector_size(16)));
+    typedef float v8sf __attribute__((vector_size(32)));
+    v8hi lo, hi;
+    std::memcpy(&lo, x, sizeof lo);
+    std::memcpy(&hi, x + 8, sizeof hi);
+    const v8sf a = __builtin_ia32_vcvtph2ps256(lo), b = __builtin_ia32_vcvtph2ps256(hi);
+    vec::vf r;
+    std::memcpy(&r, &a, 32);
+    std::memcpy(reinterpret_cast<char*>(&r) + 32, &b, 32);
+    return r;
+#endif
+  } else {
+    return vec::f16x16(x);
+  }
 }
 
 // Direct path, used when every K/V row is contiguous and its widths are whole vectors: rows are
@@ -51,14 +82,14 @@ NPUFA_INLINE void prefetch_row(const St<T>* x, int64_t w) {
 // Scores of kKeys keys [c, c + kKeys) for rows [r0, r0 + kRb): kKeys x kRb independent FMA chains
 // (one chain per key would wait on the FMA latency), each Q vector loaded once per kKeys keys.
 constexpr int64_t kKeys = 4;
-template <DType T, DType KT, int NK>
+template <DType T, DType KT, int Isa, int NK>
 NPUFA_INLINE void qk_direct_block(const AttnProblem& p, const St<KT>* const* k, const St<T>* const* kr, const float* Q,
                                   int64_t qld, int64_t r0, int64_t R, float* S, int64_t c) {
   using vec::vf;
   vf acc[kRb][NK] = {};
   for (int64_t d = 0; d < p.D; d += vec::kW) {
     vf kv[NK];
-    for (int j = 0; j < NK; ++j) kv[j] = load16<KT>(k[j] + d);
+    for (int j = 0; j < NK; ++j) kv[j] = load16<KT, Isa>(k[j] + d);
     for (int64_t rr = 0; rr < kRb; ++rr) {
       const vf q = vec::load(Q + (r0 + rr) * qld + d);
       for (int j = 0; j < NK; ++j) acc[rr][j] += q * kv[j];
@@ -66,7 +97,7 @@ NPUFA_INLINE void qk_direct_block(const AttnProblem& p, const St<KT>* const* k, 
   }
   for (int64_t d = 0; d < p.Dr; d += vec::kW) {
     vf kv[NK];
-    for (int j = 0; j < NK; ++j) kv[j] = load16<T>(kr[j] + d);
+    for (int j = 0; j < NK; ++j) kv[j] = load16<T, Isa>(kr[j] + d);
     for (int64_t rr = 0; rr < kRb; ++rr) {
       const vf q = vec::load(Q + (r0 + rr) * qld + p.D + d);
       for (int j = 0; j < NK; ++j) acc[rr][j] += q * kv[j];
@@ -76,7 +107,7 @@ NPUFA_INLINE void qk_direct_block(const AttnProblem& p, const St<KT>* const* k, 
     for (int j = 0; j < NK; ++j) S[(r0 + rr) * kBk + c + j] = vec::hsum(acc[rr][j]);
 }
 
-template <DType T, DType KT>
+template <DType T, DType KT, int Isa>
 NPUFA_INLINE void qk_direct(const AttnProblem& p, int64_t b, int64_t nk, int64_t off, int64_t cols, const float* Q,
                             int64_t qld, int64_t R, float* S, int64_t next_off, int64_t next_cols) {
   for (int64_t c = 0; c < cols; c += kKeys) {
@@ -93,15 +124,15 @@ NPUFA_INLINE void qk_direct(const AttnProblem& p, int64_t b, int64_t nk, int64_t
     }
     for (int64_t r0 = 0; r0 < R; r0 += kRb) {
       if (nkeys == kKeys)
-        qk_direct_block<T, KT, kKeys>(p, k, kr, Q, qld, r0, R, S, c);
+        qk_direct_block<T, KT, Isa, kKeys>(p, k, kr, Q, qld, r0, R, S, c);
       else
-        for (int64_t j = 0; j < nkeys; ++j) qk_direct_block<T, KT, 1>(p, k + j, kr + j, Q, qld, r0, R, S, c + j);
+        for (int64_t j = 0; j < nkeys; ++j) qk_direct_block<T, KT, Isa, 1>(p, k + j, kr + j, Q, qld, r0, R, S, c + j);
     }
   }
 }
 
 // O[r][d0 .. d0 + 16·NV) += Σ_c P[r][c] · V[c] for rows [r0, r0 + kRb), V rows read in place.
-template <DType T, int NV>
+template <DType T, int Isa, int NV>
 NPUFA_INLINE void pv_direct_block(const AttnProblem& p, int64_t b, int64_t nk, int64_t off, int64_t cols,
                                   const float* P, float* O, int64_t dvp, int64_t r0, int64_t d0) {  // dvp: O's row stride
   using vec::vf;
@@ -111,7 +142,7 @@ NPUFA_INLINE void pv_direct_block(const AttnProblem& p, int64_t b, int64_t nk, i
   for (int64_t c = 0; c < cols; ++c) {
     const St<T>* v = kv_row<T>(p.v, b, nk, off + c).p + d0;
     vf vv[NV];
-    for (int x = 0; x < NV; ++x) vv[x] = load16<T>(v + x * vec::kW);
+    for (int x = 0; x < NV; ++x) vv[x] = load16<T, Isa>(v + x * vec::kW);
     for (int64_t rr = 0; rr < kRb; ++rr) {
       const float pc = P[(r0 + rr) * kBk + c];
       for (int x = 0; x < NV; ++x) acc[rr][x] += pc * vv[x];
@@ -121,16 +152,16 @@ NPUFA_INLINE void pv_direct_block(const AttnProblem& p, int64_t b, int64_t nk, i
     for (int x = 0; x < NV; ++x) vec::store(O + (r0 + rr) * dvp + d0 + x * vec::kW, acc[rr][x]);
 }
 
-template <DType T>
+template <DType T, int Isa>
 NPUFA_INLINE void pv_direct(const AttnProblem& p, int64_t b, int64_t nk, int64_t off, int64_t cols, const float* P,
                             float* O, int64_t dvp, int64_t ost, int64_t R) {
   for (int64_t r0 = 0; r0 < R; r0 += kRb)
     for (int64_t d0 = 0; d0 < dvp; d0 += 4 * vec::kW) {
       switch ((dvp - d0) / vec::kW) {
-        case 1: pv_direct_block<T, 1>(p, b, nk, off, cols, P, O, ost, r0, d0); break;
-        case 2: pv_direct_block<T, 2>(p, b, nk, off, cols, P, O, ost, r0, d0); break;
-        case 3: pv_direct_block<T, 3>(p, b, nk, off, cols, P, O, ost, r0, d0); break;
-        default: pv_direct_block<T, 4>(p, b, nk, off, cols, P, O, ost, r0, d0); break;
+        case 1: pv_direct_block<T, Isa, 1>(p, b, nk, off, cols, P, O, ost, r0, d0); break;
+        case 2: pv_direct_block<T, Isa, 2>(p, b, nk, off, cols, P, O, ost, r0, d0); break;
+        case 3: pv_direct_block<T, Isa, 3>(p, b, nk, off, cols, P, O, ost, r0, d0); break;
+        default: pv_direct_block<T, Isa, 4>(p, b, nk, off, cols, P, O, ost, r0, d0); break;
       }
     }
 }
@@ -209,7 +240,7 @@ Plan make_plan(const AttnProblem& p) {
 
 // One item: batch b, KV head nk, chunk c. Rows r = g * q_len + i (head nk * G + g, query row i).
 struct DecodeItem {
-  template <DType T>
+  template <DType T, int Isa>
   NPUFA_INLINE static void run(const AttnProblem* pp, const Plan* plp, int64_t b, int64_t nk, int64_t c, Scratch* scp,
                                float* part) {
     const AttnProblem& p = *pp;
@@ -252,20 +283,20 @@ struct DecodeItem {
       if (direct) {
         const int64_t next_cols = j0 + kBk < jb ? std::min(kBk, jb - j0 - kBk) : 0;
         if (i8) {
-          qk_direct<T, DType::I8>(p, b, nk, off, cols, Q, qld, R, S, off + kBk, next_cols);
+          qk_direct<T, DType::I8, Isa>(p, b, nk, off, cols, Q, qld, R, S, off + kBk, next_cols);
           for (int64_t r = 0; r < R; ++r)
             for (int64_t cc = 0; cc < cols; ++cc) S[r * kBk + cc] += kbias[r];
           softmax_step<T>(p, sp, b, j0, cols, cls, R, row_at, S, O, ost, M, L);  // rescales Σ p too
-          pv_direct<DType::I8>(p, b, nk, off, cols, S, O, dvp, ost, R);
+          pv_direct<DType::I8, Isa>(p, b, nk, off, cols, S, O, dvp, ost, R);
           for (int64_t r = 0; r < R; ++r) {
             float sum = 0.f;
             for (int64_t cc = 0; cc < cols; ++cc) sum += S[r * kBk + cc];
             O[r * ost + dvp] += sum;
           }
         } else {
-          qk_direct<T, T>(p, b, nk, off, cols, Q, qld, R, S, off + kBk, next_cols);
+          qk_direct<T, T, Isa>(p, b, nk, off, cols, Q, qld, R, S, off + kBk, next_cols);
           softmax_step<T>(p, sp, b, j0, cols, cls, R, row_at, S, O, dvp, M, L);
-          pv_direct<T>(p, b, nk, off, cols, S, O, dvp, dvp, R);
+          pv_direct<T, Isa>(p, b, nk, off, cols, S, O, dvp, dvp, R);
         }
         continue;
       }
@@ -296,7 +327,7 @@ struct DecodeItem {
 
 // Merges the chunks of (batch b, KV head nk) and writes the output rows.
 struct MergeItem {
-  template <DType T>
+  template <DType T, int Isa>
   NPUFA_INLINE static void run(const AttnProblem* pp, const Plan* plp, int64_t b, int64_t nk, const float* part,
                                float* o) {
     const AttnProblem& p = *pp;

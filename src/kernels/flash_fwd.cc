@@ -20,7 +20,7 @@ using Scratch = FwdScratch;
 
 // One work item: (batch b, query head n, query rows [i0, i0 + kBq)).
 struct FwdItem {
-  template <DType T>
+  template <DType T, int Isa>
   NPUFA_INLINE static void run(const AttnProblem* pp, int64_t b, int64_t n, int64_t i0, Scratch* scp) {
     const AttnProblem& p = *pp;
     Scratch& sc = *scp;

@@ -439,21 +439,24 @@ NPUFA_INLINE void transpose_tile(const float* src, float* dst, int64_t rows, int
 
 using DTypeTag = DType;
 
-// K::run<T>(args...) compiled for x86-64-v4 (AVX-512), x86-64-v3 (AVX2+FMA) or the baseline and
+// K::run<T, Isa>(args...) compiled for x86-64-v4 (AVX-512), x86-64-v3 (AVX2+FMA) or the baseline and
 // chosen once at run time. (GCC 12's target_clones resolver picked the baseline on this Zen 5 CPU,
 // hence by hand.)
+// K::run<T, Isa> receives the level (kIsaBase, kIsaV3, kIsaV4) for the few places that use
+// instructions the portable vector code does not reach (fp16 widening).
+constexpr int kIsaBase = 0, kIsaV3 = 3, kIsaV4 = 4;
 template <class K, DType T, class... A>
 void isa_base(A... a) {
-  K::template run<T>(a...);
+  K::template run<T, kIsaBase>(a...);
 }
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 template <class K, DType T, class... A>
 __attribute__((target("arch=x86-64-v4"))) void isa_v4(A... a) {
-  K::template run<T>(a...);
+  K::template run<T, kIsaV4>(a...);
 }
 template <class K, DType T, class... A>
 __attribute__((target("arch=x86-64-v3"))) void isa_v3(A... a) {
-  K::template run<T>(a...);
+  K::template run<T, kIsaV3>(a...);
 }
 #endif
 
