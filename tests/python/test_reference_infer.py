@@ -12,6 +12,7 @@ import pathlib
 
 import pytest
 import torch
+from attn_helpers import to_layout
 
 _PATH = pathlib.Path(__file__).resolve().parents[2] / "python" / "npufa" / "reference_infer.py"
 _spec = importlib.util.spec_from_file_location("npufa_reference_infer_under_test", _PATH)
@@ -37,17 +38,6 @@ def rnd(*shape, seed=0):
 def rbool(*shape, p=0.3, seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.rand(*shape, generator=g) < p
-
-
-def to_layout(x, layout):
-    """[B, N, S, D] -> BSH / BSND / BNSD."""
-    b, n, s, d = x.shape
-    if layout == "BSH":
-        return x.permute(0, 2, 1, 3).reshape(b, s, n * d).contiguous()
-    if layout == "BSND":
-        return x.permute(0, 2, 1, 3).contiguous()
-    assert layout == "BNSD"
-    return x.contiguous()
 
 
 def direct(q, k, v, scale, masked=None, pse=None, sink=None):

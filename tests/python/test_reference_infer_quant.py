@@ -19,6 +19,7 @@ import pathlib
 import numpy as np
 import pytest
 import torch
+from attn_helpers import to_layout
 
 _PATH = pathlib.Path(__file__).resolve().parents[2] / "python" / "npufa" / "reference_infer.py"
 _spec = importlib.util.spec_from_file_location("npufa_reference_infer_quant_under_test", _PATH)
@@ -48,17 +49,6 @@ def runif(lo, hi, *shape, seed=0):
 def rint8(*shape, seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.randint(-128, 128, shape, generator=g, dtype=I8)
-
-
-def to_layout(x, layout):
-    """[B, N, S, D] -> BSH / BSND / BNSD."""
-    b, n, s, d = x.shape
-    if layout == "BSH":
-        return x.permute(0, 2, 1, 3).reshape(b, s, n * d).contiguous()
-    if layout == "BSND":
-        return x.permute(0, 2, 1, 3).contiguous()
-    assert layout == "BNSD"
-    return x.contiguous()
 
 
 def paged(x, lens, bs, blocknum, seed, filler):
