@@ -86,6 +86,20 @@ def _sparse_kwargs(kind, rng):
     return 4, pre, nxt, False, True
 
 
+def _set_sparse(kw, sparse, rng, B, rows, cols, seed, tnd, alias=False, sq1=False):
+    """sparse_mode / pre_tokens / next_tokens / atten_mask of a prefill case (alias: PFA's 10-14)."""
+    mode, pre, nxt, explicit, compressed = _sparse_kwargs(sparse, rng)
+    kw["sparse_mode"] = mode + (10 if alias else 0)
+    if pre is not None:
+        kw["pre_tokens"] = pre
+    if nxt is not None:
+        kw["next_tokens"] = nxt
+    if explicit:
+        kw["atten_mask"] = _prefill_mask(rng, B, rows, cols, rng.choice(MASK_DTYPES), seed, tnd, sq1=sq1)
+    elif compressed:
+        kw["atten_mask"] = rng.choice([TRIU2048, TRIU2048.view(1, 2048, 2048), TRIU2048.view(1, 1, 2048, 2048)])
+
+
 def _prefill_mask(rng, B, rows, cols, dtype, seed, tnd=False, sq1=False):
     """An explicit prefill mask covering `rows` x `cols` (possibly wider) in one of the accepted shapes."""
     r = rows + (0 if sq1 else rng.choice([0, 0, 3]))
@@ -161,19 +175,7 @@ def build_pfa(cfg, seed):
             kw["actual_seq_lengths_kv"] = _maybe_tensor(kl, rng)
         rows, cols = Sq, Skv
         T = None
-    mode, pre, nxt, explicit, compressed = _sparse_kwargs(cfg["sparse"], rng)
-    if cfg["alias"]:
-        mode += 10
-    kw["sparse_mode"] = mode
-    if pre is not None:
-        kw["pre_tokens"] = pre
-    if nxt is not None:
-        kw["next_tokens"] = nxt
-    if explicit:
-        kw["atten_mask"] = _prefill_mask(rng, B, rows, cols, rng.choice(MASK_DTYPES), seed + 5, tnd,
-                                         sq1=(Sq == 1 and not tnd))
-    elif compressed:
-        kw["atten_mask"] = rng.choice([TRIU2048, TRIU2048.view(1, 2048, 2048), TRIU2048.view(1, 1, 2048, 2048)])
+    _set_sparse(kw, cfg["sparse"], rng, B, rows, cols, seed + 5, tnd, alias=cfg["alias"], sq1=(Sq == 1 and not tnd))
     if cfg["pse"]:
         kw["pse_shift"] = _pse(rng, B, Nq, rows, cols, dtype, seed + 6, sq1=(Sq == 1 and not tnd))
     exp_shape = (T, Nq, Dv) if tnd else _expected_out_shape("BSND" if layout == "BNSD_BSND" else layout, B, Nq, Sq,
@@ -403,16 +405,7 @@ def build_fia(cfg, seed, v2=False):
         if cfg["sparse"] not in ("none", "none_prenext", "m2", "m3", "m4"):
             kw["atten_mask"] = _decode_mask(rng, B, cols, rng.choice(MASK_DTYPES), seed + 11)
     else:
-        mode, pre, nxt, explicit, compressed = _sparse_kwargs(cfg["sparse"], rng)
-        kw["sparse_mode"] = mode
-        if pre is not None:
-            kw["pre_tokens"] = pre
-        if nxt is not None:
-            kw["next_tokens"] = nxt
-        if explicit:
-            kw["atten_mask"] = _prefill_mask(rng, B, rows, cols, rng.choice(MASK_DTYPES), seed + 11, tnd)
-        elif compressed:
-            kw["atten_mask"] = rng.choice([TRIU2048, TRIU2048.view(1, 2048, 2048), TRIU2048.view(1, 1, 2048, 2048)])
+        _set_sparse(kw, cfg["sparse"], rng, B, rows, cols, seed + 11, tnd)
     if cfg["pse"]:
         kw["pse_shift"] = _pse(rng, B, Nq, rows, cols, dtype, seed + 12, sq1=decode)
     want_lse = cfg["lse"] and layout not in NBSD_LAYOUTS
