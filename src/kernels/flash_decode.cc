@@ -8,6 +8,7 @@
 #include <cstring>
 #include <vector>
 
+#include "kernels/decode_dot.h"
 #include "kernels/flash_fwd.h"
 #include "kernels/tile_common.h"
 #include "npufa/parallel.h"
@@ -238,8 +239,62 @@ Plan make_plan(const AttnProblem& p) {
   return pl;
 }
 
+#if NPUFA_DOT_BUILTINS
+// Row pointers of one key tile, padded with the zero row to whole blocks of 4 keys.
+template <DType KT, DType RT>
+struct TileRows {
+  const St<KT>* k[kBk];
+  const St<KT>* v[kBk];
+  const St<RT>* kr[kBk];
+  int64_t j0 = -1;  // the tile held (key index), -1: none
+  void fill(const AttnProblem& p, int64_t b, int64_t nk, int64_t off, int64_t tile, int64_t n) {
+    const auto* zk = reinterpret_cast<const St<KT>*>(dot::kZeroRow);
+    const auto* zr = reinterpret_cast<const St<RT>*>(dot::kZeroRow);
+    j0 = tile;
+    kv_rows<KT>(p.k, b, nk, off, n, k);
+    kv_rows<KT>(p.v, b, nk, off, n, v);
+    if (p.Dr) kv_rows<RT>(p.kr, b, nk, off, n, kr);
+    for (int64_t c = n; c < kBk; ++c) k[c] = v[c] = zk;
+    for (int64_t c = p.Dr ? n : 0; c < kBk; ++c) kr[c] = zr;
+  }
+};
+
+// The key tiles [ja, jb) of one decode item on the dot-product level (decode_dot.h). Q16 holds the
+// item's rows as words (whole blocks of kRb rows); int8: scaled by aff, and O's column dvp collects
+// Σ p for the offset of V.
+template <DType T, DType KT, class RowAt>
+NPUFA_INLINE void dot_tiles(const AttnProblem& p, const SeqSpan& sp, int64_t b, int64_t nk, int64_t ja, int64_t jb,
+                            int64_t R, RowAt row_at, const short* q16, const dot::RowAffine* aff, float* S,
+                            short* p16, float* O, int64_t ost, float* M, float* L) {
+  constexpr bool i8 = KT == DType::I8;
+  using Acc = std::conditional_t<i8, dot::v16i, vec::vf>;
+  const int64_t dq = p.D + p.Dr, dvp = padded(p.Dv);
+  alignas(64) float pw[kDotRows];
+  TileRows<KT, T> rows[2];
+  int cur = 0;
+  for (int64_t j0 = ja; j0 < jb; j0 += kBk) {
+    const int64_t cols = std::min(kBk, sp.kv_len - j0);
+    const TileClass cls = p.mask.classify(b, 0, sp.q_len, j0, j0 + cols);
+    if (cls == TileClass::Empty) continue;
+    TileRows<KT, T>& t = rows[cur];
+    if (t.j0 != j0) t.fill(p, b, nk, sp.kv_off + j0, j0, cols);
+    TileRows<KT, T>& nx = rows[cur ^ 1];  // the next tile, prefetched during this one
+    const int64_t next_cols = j0 + kBk < jb ? std::min(kBk, jb - j0 - kBk) : 0;
+    if (next_cols > 0) nx.fill(p, b, nk, sp.kv_off + j0 + kBk, j0 + kBk, next_cols);
+    dot::qk<KT, T, Acc>(q16, dq, p.D, p.Dr, t.k, t.kr, R, cols, S, aff, nx.k, nx.v, next_cols, p.Dv);
+    softmax_step<T>(p, sp, b, j0, cols, cls, R, row_at, S, O, ost, M, L);  // rescales Σ p too
+    dot::p_words<i8>(S, R, p16, pw);
+    dot::pv<KT, Acc>(p16, t.v, (cols + 1) / 2 * 2, R, p.Dv, O, ost, pw);
+    if constexpr (i8)
+      for (int64_t r = 0; r < R; ++r) O[r * ost + dvp] += row_sum(S + r * kBk);
+    cur ^= 1;
+  }
+}
+#endif
+
 // One item: batch b, KV head nk, chunk c. Rows r = g * q_len + i (head nk * G + g, query row i).
 struct DecodeItem {
+  static constexpr bool kDotIsa = true;  // compiled for the dot-product level too
   template <DType T, int Isa>
   NPUFA_INLINE static void run(const AttnProblem* pp, const Plan* plp, int64_t b, int64_t nk, int64_t c, Scratch* scp,
                                float* part) {
@@ -261,12 +316,16 @@ struct DecodeItem {
     std::fill(Q + R * qld, Q + rp * qld, 0.f);  // load_rows pads per head; the row blocks need whole kRb
     std::fill(O, O + rp * ost, 0.f);
     const Folded fo = direct && i8 ? folded_of(p, nk) : Folded{};
-    if (direct && i8)  // q' = q·s_k, bias = q'·o_k
+    if (direct && i8)  // q' = q·s_k, bias = q'·o_k (D is whole vectors here)
       for (int64_t r = 0; r < R; ++r) {
         float* qr = Q + r * qld;
-        float bias = 0.f;
-        for (int64_t d = 0; d < p.D; ++d) qr[d] *= fo.k_scale(d), bias += qr[d] * fo.k_off(d);
-        kbias[r] = bias;
+        vec::vf bias = {};
+        for (int64_t d = 0; d < p.D; d += vec::kW) {
+          const vec::vf q = vec::load(qr + d) * (fo.ks ? vec::load(fo.ks + d) : vec::splat(fo.kc_s));
+          vec::store(qr + d, q);
+          bias += q * (fo.ko ? vec::load(fo.ko + d) : vec::splat(fo.kc_o));
+        }
+        kbias[r] = vec::hsum(bias);
       }
     std::fill(S + R * kBk, S + rp * kBk, 0.f);  // padding rows of the kRb blocks stay 0
     std::fill(M, M + R, -INFINITY);
@@ -275,6 +334,44 @@ struct DecodeItem {
     const int64_t ja = pl.jlo[static_cast<size_t>(b)] + c * pl.chunk * kBk;
     const int64_t jb = std::min(pl.jhi[static_cast<size_t>(b)], ja + pl.chunk * kBk);
     const auto row_at = [&](int64_t r) { return std::pair<int64_t, int64_t>{nk * p.G + r / ql, r % ql}; };
+#if NPUFA_DOT_BUILTINS
+    if constexpr (Isa >= kIsaV4Dot) {
+      if (direct && dot::usable(p, i8)) {
+        // Q as words (the K and V tile buffers are free here): bf16 bits, or int16 of q' / 2^e per row.
+        short* q16 = reinterpret_cast<short*>(Kt);
+        short* p16 = reinterpret_cast<short*>(V);
+        dot::RowAffine aff;
+        const int64_t dq = p.D + p.Dr;
+        // int8: |Σ q·k| <= D · qmax · 128 must fit int32
+        const float qmax = static_cast<float>(std::min<int64_t>(32767, INT32_MAX / (128 * p.D)));
+        for (int64_t r = 0; r < rp; ++r) {
+          const float* qr = Q + r * qld;
+          short* w = q16 + r * dq;
+          if (!i8) {
+            dot::bf16_words(qr, dq, w);  // exact: Q is bf16
+            continue;
+          }
+          vec::vf m = {};
+          for (int64_t d = 0; d < p.D; d += vec::kW) m = vec::vmax(m, vec::vmax(vec::load(qr + d), -vec::load(qr + d)));
+          const float mx = vec::hmax(m);
+          int e = 0;
+          if (mx > 0.f && std::frexp(mx / qmax, &e) == 0.5f) --e;  // smallest 2^e with mx / 2^e <= qmax
+          dot::int16_words(qr, p.D, std::ldexp(1.f, -e), w);
+          for (int j = 0; j < 4; ++j) {
+            aff.scale[r / kRb][(r % kRb) * 4 + j] = std::ldexp(1.f, e);
+            aff.bias[r / kRb][(r % kRb) * 4 + j] = r < R ? kbias[r] : 0.f;
+          }
+        }
+        std::fill(p16, p16 + rp * kBk, short{0});
+        if (i8)
+          dot_tiles<T, DType::I8>(p, sp, b, nk, ja, jb, R, row_at, q16, &aff, S, p16, O, ost, M, L);
+        else
+          dot_tiles<T, T>(p, sp, b, nk, ja, jb, R, row_at, q16, &aff, S, p16, O, ost, M, L);
+        write_partial(p, R, O, ost, M, L, i8, fo, part);
+        return;
+      }
+    }
+#endif
     for (int64_t j0 = ja; j0 < jb; j0 += kBk) {
       const int64_t cols = std::min(kBk, sp.kv_len - j0);
       const TileClass cls = p.mask.classify(b, 0, ql, j0, j0 + cols);
@@ -288,11 +385,7 @@ struct DecodeItem {
             for (int64_t cc = 0; cc < cols; ++cc) S[r * kBk + cc] += kbias[r];
           softmax_step<T>(p, sp, b, j0, cols, cls, R, row_at, S, O, ost, M, L);  // rescales Σ p too
           pv_direct<DType::I8, Isa>(p, b, nk, off, cols, S, O, dvp, ost, R);
-          for (int64_t r = 0; r < R; ++r) {
-            float sum = 0.f;
-            for (int64_t cc = 0; cc < cols; ++cc) sum += S[r * kBk + cc];
-            O[r * ost + dvp] += sum;
-          }
+          for (int64_t r = 0; r < R; ++r) O[r * ost + dvp] += row_sum(S + r * kBk);
         } else {
           qk_direct<T, T, Isa>(p, b, nk, off, cols, Q, qld, R, S, off + kBk, next_cols);
           softmax_step<T>(p, sp, b, j0, cols, cls, R, row_at, S, O, dvp, M, L);
@@ -311,16 +404,23 @@ struct DecodeItem {
       softmax_step<T>(p, sp, b, j0, cols, cls, R, row_at, S, O, dvp, M, L);
       pv_tile(S, V, O, R, cols, dvp);
     }
+    write_partial(p, R, O, ost, M, L, direct && i8, fo, part);
+  }
+
+  // The item's partial rows: max, sum, unnormalised out (folded int8: back from int8 space,
+  // s_v·(Σ p·x + (Σ p)·o_v)).
+  NPUFA_INLINE static void write_partial(const AttnProblem& p, int64_t R, const float* O, int64_t ost, const float* M,
+                                         const float* L, bool folded, const Folded& fo, float* part) {
+    const int64_t Dv = p.Dv, dvp = padded(Dv);
     for (int64_t r = 0; r < R; ++r) {
       float* dst = part + r * (dvp + 2);
       dst[0] = M[r];
       dst[1] = L[r];
       const float* o = O + r * ost;
-      if (direct && i8) {  // back from int8 space: s_v·(Σ p·x + (Σ p)·o_v)
+      if (folded)
         for (int64_t d = 0; d < dvp; ++d) dst[2 + d] = d < Dv ? fo.v_scale(d) * (o[d] + o[dvp] * fo.v_off(d)) : 0.f;
-      } else {
+      else
         std::copy(o, o + dvp, dst + 2);
-      }
     }
   }
 };

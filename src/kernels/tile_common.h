@@ -150,6 +150,25 @@ NPUFA_INLINE RowRef<T> kv_row(const Acc4& a, int64_t b, int64_t n, int64_t s) {
   return {static_cast<const St<T>*>(l.prefix ? a.pbase : a.base) + l.elem, l.sd};
 }
 
+// Pointers of rows [s0, s0 + n) of head n (batch b) into out[0, n): one row_loc per run of rows at a
+// constant stride (a paged block, the shared prefix, a dense sequence), not one per row.
+template <DType T>
+NPUFA_INLINE void kv_rows(const Acc4& a, int64_t b, int64_t n, int64_t s0, int64_t count, const St<T>** out) {
+  for (int64_t c = 0; c < count;) {
+    const int64_t s = s0 + c;
+    const RowLoc l = row_loc(a, b, n, s);
+    int64_t run = count - c;
+    if (l.prefix)
+      run = std::min(run, -s);
+    else if (a.table)
+      run = std::min(run, a.bs - l.off);
+    const St<T>* p0 = static_cast<const St<T>*>(l.prefix ? a.pbase : a.base) + l.elem;
+    const int64_t step = l.prefix ? a.pss : a.ss;
+    for (int64_t i = 0; i < run; ++i) out[c + i] = p0 + i * step;
+    c += run;
+  }
+}
+
 inline float load_f32(const void* data, DType t, int64_t i) {
   switch (t) {
     case DType::F16: return f16_to_f32(static_cast<const uint16_t*>(data)[i]);
@@ -308,6 +327,13 @@ NPUFA_INLINE void softmax_step(const AttnProblem& p, const SeqSpan& sp, int64_t 
   }
 }
 
+// Σ of a row of kBk probabilities (zero past the tile end).
+NPUFA_INLINE float row_sum(const float* s) {
+  vec::vf a = vec::load(s);
+  for (int x = 1; x < kBk / vec::kW; ++x) a += vec::load(s + x * vec::kW);
+  return vec::hsum(a);
+}
+
 // Training statistics (8 copies) and the inference lse of one row, for whichever the problem has.
 inline void write_row_stats(const AttnProblem& p, int64_t b, int64_t n, int64_t row, float mx, float sm, float lse) {
   if (p.smax.base) {
@@ -442,14 +468,19 @@ using DTypeTag = DType;
 // K::run<T, Isa>(args...) compiled for x86-64-v4 (AVX-512), x86-64-v3 (AVX2+FMA) or the baseline and
 // chosen once at run time. (GCC 12's target_clones resolver picked the baseline on this Zen 5 CPU,
 // hence by hand.)
-// K::run<T, Isa> receives the level (kIsaBase, kIsaV3, kIsaV4) for the few places that use
-// instructions the portable vector code does not reach (fp16 widening).
-constexpr int kIsaBase = 0, kIsaV3 = 3, kIsaV4 = 4;
+// K::run<T, Isa> receives the level for the few places that use instructions the portable vector
+// code does not reach (fp16 widening; bf16 and int16 dot products). kIsaV4Dot (x86-64-v4 with
+// AVX512_BF16 and AVX512_VNNI) is compiled only for kernels that ask for it (K::kDotIsa).
+constexpr int kIsaBase = 0, kIsaV3 = 3, kIsaV4 = 4, kIsaV4Dot = 5;
 template <class K, DType T, class... A>
 void isa_base(A... a) {
   K::template run<T, kIsaBase>(a...);
 }
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+template <class K, DType T, class... A>
+__attribute__((target("arch=x86-64-v4,avx512bf16,avx512vnni"))) void isa_v4dot(A... a) {
+  K::template run<T, kIsaV4Dot>(a...);
+}
 template <class K, DType T, class... A>
 __attribute__((target("arch=x86-64-v4"))) void isa_v4(A... a) {
   K::template run<T, kIsaV4>(a...);
@@ -468,8 +499,10 @@ template <class K, DType T, class... A>
 auto pick_isa() -> void (*)(A...) {
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
   const int level = isa_level();
-  if (level >= 4) return isa_v4<K, T, A...>;
-  if (level >= 3) return isa_v3<K, T, A...>;
+  if constexpr (requires { K::kDotIsa; })
+    if (level >= kIsaV4Dot) return isa_v4dot<K, T, A...>;
+  if (level >= kIsaV4) return isa_v4<K, T, A...>;
+  if (level >= kIsaV3) return isa_v3<K, T, A...>;
 #endif
   return isa_base<K, T, A...>;
 }

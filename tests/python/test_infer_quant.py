@@ -205,7 +205,9 @@ def build_antiquant(cfg, seed):
     Nkv = rng.choice([1, 2])
     Nq = Nkv * cfg["gqa"]
     D = rng.choice([16, 40])
+    D = cfg.get("D", D)  # the dot-product decode tests pick whole 32-element chunks
     Skv = rng.choice([17, 70])
+    Skv = cfg.get("Skv", Skv)
     bs = rng.choice([4, 16, 32])
     lens = [rng.randint(1, Skv) for _ in range(B)]
     lens[rng.randrange(B)] = Skv
