@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <exception>
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <mutex>
 #include <thread>
@@ -16,6 +17,28 @@ int default_threads() { return std::max(1u, std::thread::hardware_concurrency())
 
 thread_local bool t_in_region = false;  // workers, and a caller inside run()
 
+// Workers and the caller spin for a short while before sleeping: back-to-back regions (a decode step
+// runs two) would otherwise pay a futex wake-up each, tens of microseconds on a VM. The spin is
+// bounded (kSpin), as OpenMP runtimes bound theirs.
+constexpr auto kSpin = std::chrono::microseconds(50);
+
+inline void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#endif
+}
+
+// Spins until ready() or kSpin has passed; false if it gave up.
+template <class F>
+bool spin_until(F ready) {
+  const auto t0 = std::chrono::steady_clock::now();
+  for (int i = 0;; ++i) {
+    if (ready()) return true;
+    cpu_relax();
+    if ((i & 63) == 63 && std::chrono::steady_clock::now() - t0 > kSpin) return ready();
+  }
+}
+
 class Pool {
  public:
   ~Pool() { resize(0); }
@@ -24,19 +47,21 @@ class Pool {
     std::lock_guard<std::mutex> call_lock(call_mu_);  // one parallel region at a time
     if (static_cast<int>(workers_.size()) != nthreads - 1) resize(nthreads - 1);
     next_.store(0);
+    fn_ = &fn;
+    n_ = n;
+    active_.store(static_cast<int>(workers_.size()));
     {
       std::lock_guard<std::mutex> lk(mu_);
-      fn_ = &fn;
-      n_ = n;
-      active_ = static_cast<int>(workers_.size());
-      ++generation_;
+      generation_.fetch_add(1, std::memory_order_release);  // publishes fn_, n_ to the workers
     }
     cv_.notify_all();
     t_in_region = true;
     drain(0);
     t_in_region = false;
-    std::unique_lock<std::mutex> lk(mu_);
-    done_cv_.wait(lk, [&] { return active_ == 0; });
+    if (!spin_until([&] { return active_.load(std::memory_order_acquire) == 0; })) {
+      std::unique_lock<std::mutex> lk(mu_);
+      done_cv_.wait(lk, [&] { return active_.load(std::memory_order_acquire) == 0; });
+    }
     fn_ = nullptr;
     if (error_) {
       std::exception_ptr e = error_;
@@ -65,28 +90,31 @@ class Pool {
     t_in_region = true;
     uint64_t seen = 0;
     for (;;) {
-      {
+      const auto news = [&] { return stop_.load(std::memory_order_acquire) || generation_.load(std::memory_order_acquire) != seen; };
+      if (!spin_until(news)) {
         std::unique_lock<std::mutex> lk(mu_);
-        cv_.wait(lk, [&] { return stop_ || generation_ != seen; });
-        if (stop_) return;
-        seen = generation_;
+        cv_.wait(lk, news);
       }
+      if (stop_.load(std::memory_order_acquire)) return;
+      seen = generation_.load(std::memory_order_acquire);
       drain(tid);
-      std::lock_guard<std::mutex> lk(mu_);
-      if (--active_ == 0) done_cv_.notify_one();
+      if (active_.fetch_sub(1, std::memory_order_acq_rel) == 1) {
+        std::lock_guard<std::mutex> lk(mu_);  // the caller may be about to sleep: wake it under the lock
+        done_cv_.notify_one();
+      }
     }
   }
 
   void resize(int nworkers) {
     {
       std::lock_guard<std::mutex> lk(mu_);
-      stop_ = true;
+      stop_.store(true);
     }
     cv_.notify_all();
     for (auto& t : workers_) t.join();
     workers_.clear();
-    stop_ = false;
-    generation_ = 0;
+    stop_.store(false);
+    generation_.store(0);
     for (int i = 0; i < nworkers; ++i) workers_.emplace_back([this, i] { worker(i + 1); });
   }
 
@@ -97,9 +125,9 @@ class Pool {
   const std::function<void(int64_t, int)>* fn_ = nullptr;
   int64_t n_ = 0;
   std::atomic<int64_t> next_{0};
-  int active_ = 0;
-  uint64_t generation_ = 0;
-  bool stop_ = false;
+  std::atomic<int> active_{0};
+  std::atomic<uint64_t> generation_{0};
+  std::atomic<bool> stop_{false};
 };
 
 Pool& pool() {
