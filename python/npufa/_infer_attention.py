@@ -18,7 +18,6 @@ from ._fusion_attention import _int_list
 from ._runtime import arr, sync_threads
 
 _INT_MAX = 2147483647
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int8": torch.int8}
 _PROMPT, _INCRE, _FUSED, _FUSED_V2 = 0, 1, 2, 3
 
 # input_layout -> (query/key axis order, output axis order)
@@ -71,10 +70,14 @@ def _run(kind: int, op: str, args: dict, lse_flag: bool) -> Tuple[Tensor, Tensor
     core = {k: (arr(v) if isinstance(v, Tensor) else v) for k, v in args.items()}
     core["op"] = op
     core["softmax_lse_flag"] = lse_flag
-    out_shape, lse_shape, out_dtype = _C.infer_attention(kind, core)  # validates every rule
-    out = query.new_empty(out_shape, dtype=_DTYPES[out_dtype])
+    # The outputs are allocated by the fake's shape rule and the core checks them while it validates
+    # every rule, in the one call that also runs the kernel.
+    out_shape, lse_shape = infer_output_shapes(query, args["value"], args["num_heads"], args["num_key_value_heads"],
+                                               args["input_layout"], args.get("block_table") is not None, lse_flag)
+    out = query.new_empty(out_shape, dtype=infer_output_dtype(query, args.get("quant_scale2")))
     lse = query.new_empty(lse_shape, dtype=torch.float32)
     if query.numel() == 0 or out.numel() == 0:
+        _C.infer_attention(kind, core)  # validation only
         return out.zero_(), lse.fill_(-3.4028234663852886e38)
     sync_threads()
     _C.infer_attention(kind, core, out, lse)
