@@ -104,20 +104,25 @@ struct RowAffine {
   alignas(64) float scale[4][16], bias[4][16];  // per block of 4 rows
 };
 
+// The cache lines of a row of w elements, into L2: rows of the next tile are fetched while this one
+// is computed, K rows during Q·K and V rows during P·V, so the requests are spread over the whole
+// tile (a burst of a tile's worth of prefetches overflows the miss queues and is dropped).
+template <DType X>
+NPUFA_INLINE void prefetch_row(const St<X>* x, int64_t w) {
+  constexpr int64_t kLine = 64 / sizeof(St<X>);
+  for (int64_t e = 0; e < w; e += kLine) __builtin_prefetch(x + e, 0, 2);
+}
+
 // S[r][c .. c + 4) for keys in blocks of 4 (k[c] rows; zero rows past the tile end), rows [0, R):
 // the dot products of Q16 rows (stride dq words; the rope part at column D) with the K rows (and the
-// rope rows kr). int8: int32 sums, then the row's scale and bias. Rows of the next tile are
-// prefetched one key at a time (pf_k / pf_v, n_pf of them).
+// rope rows kr). int8: int32 sums, then the row's scale and bias. K rows of the next tile (pf_k,
+// n_pf of them) are prefetched a block at a time.
 template <DType KT, DType RT, class Acc>
 NPUFA_INLINE void qk(const short* q16, int64_t dq, int64_t D, int64_t Dr, const St<KT>* const* k,
                      const St<RT>* const* kr, int64_t R, int64_t cols, float* S, const RowAffine* aff,
-                     const St<KT>* const* pf_k, const St<KT>* const* pf_v, int64_t n_pf, int64_t Dv) {
+                     const St<KT>* const* pf_k, int64_t n_pf) {
   for (int64_t c = 0; c < cols; c += 4) {
-    for (int64_t j = c; j < c + 4 && j < n_pf; ++j) {
-      constexpr int64_t kLine = 64 / sizeof(St<KT>);
-      for (int64_t e = 0; e < D; e += kLine) __builtin_prefetch(pf_k[j] + e, 0, 2);
-      for (int64_t e = 0; e < Dv; e += kLine) __builtin_prefetch(pf_v[j] + e, 0, 2);
-    }
+    for (int64_t j = c; j < c + 4 && j < n_pf; ++j) prefetch_row<KT>(pf_k[j], D);
     for (int64_t r0 = 0; r0 < R; r0 += kRb) {
       Acc acc[4][4] = {};
       const short* q = q16 + r0 * dq;
@@ -155,9 +160,11 @@ NPUFA_INLINE void qk(const short* q16, int64_t dq, int64_t D, int64_t Dr, const 
 // worth pw[r] each.
 template <DType VT, class Acc, int NV>
 NPUFA_INLINE void pv_block(const short* p16, const St<VT>* const* v, int64_t cols2, int64_t r0, int64_t R, int64_t d0,
-                           float* O, int64_t ost, const float* pw) {
+                           float* O, int64_t ost, const float* pw, const St<VT>* const* pf_v, int64_t n_pf,
+                           int64_t Dv) {
   Acc acc[4][2 * NV] = {};
   for (int64_t c = 0; c < cols2; c += 2) {
+    for (int64_t j = c; j < c + 2 && j < n_pf; ++j) prefetch_row<VT>(pf_v[j], Dv);
     v32s pr[2 * NV];
     for (int x = 0; x < NV; ++x) {
       const v32s a = words<VT>(v[c] + d0 + 32 * x), b = words<VT>(v[c + 1] + d0 + 32 * x);
@@ -189,15 +196,17 @@ NPUFA_INLINE void pv_block(const short* p16, const St<VT>* const* v, int64_t col
   }
 }
 
+// All rows and columns; V rows of the next tile (pf_v, n_pf of them) are prefetched in the first pass.
 template <DType VT, class Acc>
 NPUFA_INLINE void pv(const short* p16, const St<VT>* const* v, int64_t cols2, int64_t R, int64_t Dv, float* O,
-                     int64_t ost, const float* pw) {
+                     int64_t ost, const float* pw, const St<VT>* const* pf_v, int64_t n_pf) {
   for (int64_t r0 = 0; r0 < R; r0 += kRb)
     for (int64_t d0 = 0; d0 < Dv; d0 += 64) {
+      const int64_t npf = r0 == 0 && d0 == 0 ? n_pf : 0;
       if (Dv - d0 >= 64)
-        pv_block<VT, Acc, 2>(p16, v, cols2, r0, R, d0, O, ost, pw);
+        pv_block<VT, Acc, 2>(p16, v, cols2, r0, R, d0, O, ost, pw, pf_v, npf, Dv);
       else
-        pv_block<VT, Acc, 1>(p16, v, cols2, r0, R, d0, O, ost, pw);
+        pv_block<VT, Acc, 1>(p16, v, cols2, r0, R, d0, O, ost, pw, pf_v, npf, Dv);
     }
 }
 

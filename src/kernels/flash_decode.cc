@@ -281,10 +281,10 @@ NPUFA_INLINE void dot_tiles(const AttnProblem& p, const SeqSpan& sp, int64_t b, 
     TileRows<KT, T>& nx = rows[cur ^ 1];  // the next tile, prefetched during this one
     const int64_t next_cols = j0 + kBk < jb ? std::min(kBk, jb - j0 - kBk) : 0;
     if (next_cols > 0) nx.fill(p, b, nk, sp.kv_off + j0 + kBk, j0 + kBk, next_cols);
-    dot::qk<KT, T, Acc>(q16, dq, p.D, p.Dr, t.k, t.kr, R, cols, S, aff, nx.k, nx.v, next_cols, p.Dv);
+    dot::qk<KT, T, Acc>(q16, dq, p.D, p.Dr, t.k, t.kr, R, cols, S, aff, nx.k, next_cols);
     softmax_step<T>(p, sp, b, j0, cols, cls, R, row_at, S, O, ost, M, L);  // rescales Σ p too
     dot::p_words<i8>(S, R, p16, pw);
-    dot::pv<KT, Acc>(p16, t.v, (cols + 1) / 2 * 2, R, p.Dv, O, ost, pw);
+    dot::pv<KT, Acc>(p16, t.v, (cols + 1) / 2 * 2, R, p.Dv, O, ost, pw, nx.v, next_cols);
     if constexpr (i8)
       for (int64_t r = 0; r < R; ++r) O[r * ost + dvp] += row_sum(S + r * kBk);
     cur ^= 1;
