@@ -48,6 +48,21 @@ TEST(Parallel, EveryIndexExactlyOnce) {
   }
 }
 
+// Workers spin briefly after a region and then sleep: regions back to back (caught while spinning)
+// and regions after a pause longer than the spin (woken from sleep) both cover every index once.
+TEST(Parallel, BackToBackAndSpacedRegions) {
+  ThreadCount tc(3);
+  std::vector<std::atomic<int>> hits(64);
+  for (int round = 0; round < 200; ++round) {
+    if (round % 20 == 0) std::this_thread::sleep_for(std::chrono::milliseconds(2));
+    for (auto& h : hits) h = 0;
+    parallel_for(64, [&](int64_t i, int) { hits[static_cast<size_t>(i)].fetch_add(1); });
+    int64_t bad = 0;
+    for (auto& h : hits) bad += h.load() != 1;
+    ASSERT_EQ(bad, 0) << "round " << round;
+  }
+}
+
 TEST(Parallel, ThreadIndicesBelowThreadCount) {
   for (int threads : {1, 2, 3, 5}) {
     ThreadCount tc(threads);
