@@ -104,19 +104,11 @@ struct RowAffine {
   alignas(64) float scale[4][16], bias[4][16];  // per block of 4 rows
 };
 
-// The cache lines of a row of w elements, into L2: rows of the next tile are fetched while this one
-// is computed, K rows during Q·K and V rows during P·V, so the requests are spread over the whole
-// tile (a burst of a tile's worth of prefetches overflows the miss queues and is dropped).
-template <DType X>
-NPUFA_INLINE void prefetch_row(const St<X>* x, int64_t w) {
-  constexpr int64_t kLine = 64 / sizeof(St<X>);
-  for (int64_t e = 0; e < w; e += kLine) __builtin_prefetch(x + e, 0, 2);
-}
-
 // S[r][c .. c + 4) for keys in blocks of 4 (k[c] rows; zero rows past the tile end), rows [0, R):
 // the dot products of Q16 rows (stride dq words; the rope part at column D) with the K rows (and the
 // rope rows kr). int8: int32 sums, then the row's scale and bias. K rows of the next tile (pf_k,
-// n_pf of them) are prefetched a block at a time.
+// n_pf of them) are prefetched a block at a time; V rows follow in P·V, so the requests are spread
+// over the whole tile.
 template <DType KT, DType RT, class Acc>
 NPUFA_INLINE void qk(const short* q16, int64_t dq, int64_t D, int64_t Dr, const St<KT>* const* k,
                      const St<RT>* const* kr, int64_t R, int64_t cols, float* S, const RowAffine* aff,

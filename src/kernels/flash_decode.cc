@@ -71,14 +71,7 @@ NPUFA_INLINE vec::vf load16(const St<T>* x) {
 // Direct path, used when every K/V row is contiguous and its widths are whole vectors: rows are
 // widened in registers straight from the cache (no fp32 copy of the tile). Q is [R][qld] with the
 // rope part at column pad(D).
-// Rows of the next tile (next_off, next_cols) are prefetched one per key, spread over the work:
-// the hardware prefetcher alone does not run far enough ahead over short block-sized streams, and
-// prefetching a whole tile at once only stalls on the fill buffers.
-template <DType T>
-NPUFA_INLINE void prefetch_row(const St<T>* x, int64_t w) {
-  constexpr int64_t kLine = 64 / sizeof(St<T>);
-  for (int64_t e = 0; e < w; e += kLine) __builtin_prefetch(x + e, 0, 2);
-}
+// Rows of the next tile (next_off, next_cols) are prefetched one per key (tile::prefetch_row).
 
 // Scores of kKeys keys [c, c + kKeys) for rows [r0, r0 + kRb): kKeys x kRb independent FMA chains
 // (one chain per key would wait on the FMA latency), each Q vector loaded once per kKeys keys.

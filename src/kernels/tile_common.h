@@ -169,6 +169,15 @@ NPUFA_INLINE void kv_rows(const Acc4& a, int64_t b, int64_t n, int64_t s0, int64
   }
 }
 
+// The cache lines of a row of w elements, into L2, for a tile still to come: the hardware
+// prefetcher does not run far enough ahead over short block-sized streams, and a whole tile's worth
+// at once overflows the miss queues, so callers spread these over the current tile's work.
+template <DType T>
+NPUFA_INLINE void prefetch_row(const St<T>* x, int64_t w) {
+  constexpr int64_t kLine = 64 / sizeof(St<T>);
+  for (int64_t e = 0; e < w; e += kLine) __builtin_prefetch(x + e, 0, 2);
+}
+
 inline float load_f32(const void* data, DType t, int64_t i) {
   switch (t) {
     case DType::F16: return f16_to_f32(static_cast<const uint16_t*>(data)[i]);

@@ -38,17 +38,19 @@ bool any_antiquant(const InferAttentionParams& p) {
 std::vector<float> read_flat(const char* op, const TensorView& t, const char* name) {
   if (!is_float(t.dtype))
     fail<TypeError>(op, ": ", name, " must be float32, float16 or bfloat16, got ", dtype_name(t.dtype));
+  const int64_t n = t.numel();
+  const bool dense = t.strides == TensorView::contiguous_strides(t.shape);  // the usual case: one pass
+  if (dense && t.dtype == DType::F32)
+    return std::vector<float>(static_cast<const float*>(t.data), static_cast<const float*>(t.data) + n);
   std::vector<float> out;
-  out.reserve(static_cast<size_t>(t.numel()));
-  if (t.strides == TensorView::contiguous_strides(t.shape)) {  // the usual case, one pass per dtype
-    const int64_t n = t.numel();
-    if (t.dtype == DType::F32) return std::vector<float>(static_cast<const float*>(t.data), static_cast<const float*>(t.data) + n);
+  out.reserve(static_cast<size_t>(n));
+  if (dense) {
     const auto* u = static_cast<const uint16_t*>(t.data);
     for (int64_t i = 0; i < n; ++i) out.push_back(t.dtype == DType::F16 ? f16_to_f32(u[i]) : bf16_to_f32(u[i]));
     return out;
   }
   std::vector<int64_t> idx(static_cast<size_t>(t.dim()), 0);
-  for (int64_t i = 0; i < t.numel(); ++i) {
+  for (int64_t i = 0; i < n; ++i) {
     int64_t off = 0;
     for (int64_t a = 0; a < t.dim(); ++a) off += idx[static_cast<size_t>(a)] * t.stride(a);
     out.push_back(t.dtype == DType::F32   ? static_cast<const float*>(t.data)[off]
