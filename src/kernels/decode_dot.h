@@ -8,8 +8,11 @@
 //   int16 with a power-of-two scale per row and tile (2^14 for its largest value, so a row that sees
 //   one key gets exactly that key's V row). Both errors are far below the bf16/fp16 rounding of P
 //   that the NPU itself applies.
-// Scores are blocks of 4 rows x 4 keys reduced together (transposed sums, not one horizontal sum per
-// score). P·V takes keys in pairs: the rows of two keys are interleaved word by word, which permutes
+// Q·K runs on 256-bit vectors: this level's reference host executes 512-bit operations in two halves,
+// so the dot products cost the same, and the 16 accumulators of a block of 4 rows x 4 keys reduce
+// with half the shuffles (transposed sums, not one horizontal sum per score; measured 2 % faster for
+// int8). The softmax is one pass per row that writes P as words (softmax_words), with a cheaper exp
+// (exp_fast). P·V takes keys in pairs: the rows of two keys are interleaved word by word, which permutes
 // the lanes within each 128-bit block; the permutation is undone once per tile when the sums are
 // added to O.
 // The builtins are GCC's (declared below, expanded only inside the kIsaV4Dot entry). Other compilers
@@ -21,7 +24,7 @@
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512bf16,avx512vnni")
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512bf16,avx512vnni")
 #pragma GCC pop_options
 #define NPUFA_DOT_BUILTINS 1
 #else
@@ -33,6 +36,10 @@ namespace npufa::tile::dot {
 typedef short v32s __attribute__((vector_size(64)));  // 32 int16 or bf16 words
 typedef int32_t v16i __attribute__((vector_size(64)));
 typedef char v32c __attribute__((vector_size(32)));
+typedef short v16s __attribute__((vector_size(32)));  // 16 words (Q·K, see qk)
+typedef int32_t v8i __attribute__((vector_size(32)));
+typedef float v8f __attribute__((vector_size(32)));
+typedef char v16c __attribute__((vector_size(16)));
 using vec::vf;
 
 // Widest row the zero row (standing in for keys past the tile end) covers, in elements.
@@ -41,16 +48,36 @@ alignas(64) inline constexpr uint16_t kZeroRow[kMaxWidth] = {};
 
 // The level can run this problem: whole 32-word chunks; int8 K/V (antiquant) without a rope part
 // (which is float); not the full-int8 pipeline, whose probabilities stay fp32 (an int16 P would not
-// be exact enough there).
+// be exact enough there); no dropout (inference has none).
 inline bool usable(const AttnProblem& p, bool i8) {
   const auto ok = [](int64_t n) { return n % 32 == 0 && n <= kMaxWidth; };
-  return ok(p.D) && ok(p.Dv) && ok(p.Dr) && (i8 ? p.Dr == 0 && !p.q.dq.on : p.dtype == DType::BF16);
+  return ok(p.D) && ok(p.Dv) && ok(p.Dr) && p.dropout.kind == DropoutSpec::Kind::None &&
+         (i8 ? p.Dr == 0 && !p.q.dq.on : p.dtype == DType::BF16);
 }
 
 #if NPUFA_DOT_BUILTINS
 NPUFA_INLINE vf dot(vf acc, v32s a, v32s b) { return __builtin_ia32_dpbf16ps_v16sf(acc, a, b); }
 NPUFA_INLINE v16i dot(v16i acc, v32s a, v32s b) {
   return __builtin_ia32_vpdpwssd_v16si(acc, reinterpret_cast<v16i>(a), reinterpret_cast<v16i>(b));
+}
+
+NPUFA_INLINE v8f dot(v8f acc, v16s a, v16s b) { return __builtin_ia32_dpbf16ps_v8sf(acc, a, b); }
+NPUFA_INLINE v8i dot(v8i acc, v16s a, v16s b) {
+  return __builtin_ia32_vpdpwssd_v8si(acc, reinterpret_cast<v8i>(a), reinterpret_cast<v8i>(b));
+}
+
+// 16 elements of a row as words: bf16 as they are, int8 sign-extended.
+template <DType X>
+NPUFA_INLINE v16s words16(const St<X>* x) {
+  if constexpr (X == DType::I8) {
+    v16c c;
+    std::memcpy(&c, x, sizeof c);
+    return __builtin_ia32_pmovsxbw256_mask(c, v16s{}, 0xffffu);
+  } else {
+    v16s w;
+    std::memcpy(&w, x, sizeof w);
+    return w;
+  }
 }
 
 // 32 elements of a row as words: bf16 as they are, int8 sign-extended.
@@ -77,26 +104,26 @@ NPUFA_INLINE v32s pairs_hi(v32s a, v32s b) {
                                  54, 23, 55, 28, 60, 29, 61, 30, 62, 31, 63);
 }
 
-// Sums of a[rr][j] (4 rows x 4 keys): lane 4·rr + j.
+// Sums of a[rr][j] (4 rows x 4 keys, 8 lanes each): lane 4·rr + j. Transposed sums within the
+// 128-bit blocks (unpacks), then the two blocks of each row added across.
 template <class V>
-NPUFA_INLINE V reduce4x4(const V (&a)[4][4]) {
+NPUFA_INLINE auto reduce4x4(const V (&a)[4][4]) {
   V u[4];
   for (int rr = 0; rr < 4; ++rr) {
     const V* x = a[rr];
-    const V t01 = __builtin_shufflevector(x[0], x[1], 0, 16, 1, 17, 4, 20, 5, 21, 8, 24, 9, 25, 12, 28, 13, 29) +
-                  __builtin_shufflevector(x[0], x[1], 2, 18, 3, 19, 6, 22, 7, 23, 10, 26, 11, 27, 14, 30, 15, 31);
-    const V t23 = __builtin_shufflevector(x[2], x[3], 0, 16, 1, 17, 4, 20, 5, 21, 8, 24, 9, 25, 12, 28, 13, 29) +
-                  __builtin_shufflevector(x[2], x[3], 2, 18, 3, 19, 6, 22, 7, 23, 10, 26, 11, 27, 14, 30, 15, 31);
+    const V t01 = __builtin_shufflevector(x[0], x[1], 0, 8, 1, 9, 4, 12, 5, 13) +
+                  __builtin_shufflevector(x[0], x[1], 2, 10, 3, 11, 6, 14, 7, 15);
+    const V t23 = __builtin_shufflevector(x[2], x[3], 0, 8, 1, 9, 4, 12, 5, 13) +
+                  __builtin_shufflevector(x[2], x[3], 2, 10, 3, 11, 6, 14, 7, 15);
     // per 128-bit block: the block's share of keys 0..3
-    u[rr] = __builtin_shufflevector(t01, t23, 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29) +
-            __builtin_shufflevector(t01, t23, 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31);
+    u[rr] = __builtin_shufflevector(t01, t23, 0, 1, 8, 9, 4, 5, 12, 13) +
+            __builtin_shufflevector(t01, t23, 2, 3, 10, 11, 6, 7, 14, 15);
   }
-  const V A = __builtin_shufflevector(u[0], u[1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
-              __builtin_shufflevector(u[0], u[1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
-  const V B = __builtin_shufflevector(u[2], u[3], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
-              __builtin_shufflevector(u[2], u[3], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
-  return __builtin_shufflevector(A, B, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
-         __builtin_shufflevector(A, B, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+  const V A = __builtin_shufflevector(u[0], u[1], 0, 1, 2, 3, 8, 9, 10, 11) +
+              __builtin_shufflevector(u[0], u[1], 4, 5, 6, 7, 12, 13, 14, 15);
+  const V B = __builtin_shufflevector(u[2], u[3], 0, 1, 2, 3, 8, 9, 10, 11) +
+              __builtin_shufflevector(u[2], u[3], 4, 5, 6, 7, 12, 13, 14, 15);
+  return __builtin_shufflevector(A, B, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
 }
 
 // Per-row constants of the int8 scores, lane 4·rr + j: score = int sum · scale + bias.
@@ -106,32 +133,32 @@ struct RowAffine {
 
 // S[r][c .. c + 4) for keys in blocks of 4 (k[c] rows; zero rows past the tile end), rows [0, R):
 // the dot products of Q16 rows (stride dq words; the rope part at column D) with the K rows (and the
-// rope rows kr). int8: int32 sums, then the row's scale and bias. K rows of the next tile (pf_k,
-// n_pf of them) are prefetched a block at a time; V rows follow in P·V, so the requests are spread
-// over the whole tile.
-template <DType KT, DType RT, class Acc>
+// rope rows kr), times the score scale. int8: int32 sums, then the row's scale and bias (which hold
+// the score scale). K rows of the next tile (pf_k, n_pf of them) are prefetched a block at a time; V
+// rows follow in P·V, so the requests are spread over the whole tile.
+template <DType KT, DType RT>
 NPUFA_INLINE void qk(const short* q16, int64_t dq, int64_t D, int64_t Dr, const St<KT>* const* k,
-                     const St<RT>* const* kr, int64_t R, int64_t cols, float* S, const RowAffine* aff,
+                     const St<RT>* const* kr, int64_t R, int64_t cols, float scale, float* S, const RowAffine* aff,
                      const St<KT>* const* pf_k, int64_t n_pf) {
   for (int64_t c = 0; c < cols; c += 4) {
     for (int64_t j = c; j < c + 4 && j < n_pf; ++j) prefetch_row<KT>(pf_k[j], D);
     for (int64_t r0 = 0; r0 < R; r0 += kRb) {
-      Acc acc[4][4] = {};
+      std::conditional_t<KT == DType::I8, v8i, v8f> acc[4][4] = {};
       const short* q = q16 + r0 * dq;
-      for (int64_t d = 0; d < D; d += 32) {
-        v32s kv[4];
-        for (int j = 0; j < 4; ++j) kv[j] = words<KT>(k[c + j] + d);
+      for (int64_t d = 0; d < D; d += 16) {
+        v16s kv[4];
+        for (int j = 0; j < 4; ++j) kv[j] = words16<KT>(k[c + j] + d);
         for (int rr = 0; rr < 4; ++rr) {
-          v32s qv;
+          v16s qv;
           std::memcpy(&qv, q + rr * dq + d, sizeof qv);
           for (int j = 0; j < 4; ++j) acc[rr][j] = dot(acc[rr][j], qv, kv[j]);
         }
       }
-      for (int64_t d = 0; d < Dr; d += 32) {
-        v32s kv[4];
-        for (int j = 0; j < 4; ++j) kv[j] = words<RT>(kr[c + j] + d);
+      for (int64_t d = 0; d < Dr; d += 16) {
+        v16s kv[4];
+        for (int j = 0; j < 4; ++j) kv[j] = words16<RT>(kr[c + j] + d);
         for (int rr = 0; rr < 4; ++rr) {
-          v32s qv;
+          v16s qv;
           std::memcpy(&qv, q + rr * dq + D + d, sizeof qv);
           for (int j = 0; j < 4; ++j) acc[rr][j] = dot(acc[rr][j], qv, kv[j]);
         }
@@ -141,7 +168,7 @@ NPUFA_INLINE void qk(const short* q16, int64_t dq, int64_t D, int64_t Dr, const 
         s = __builtin_convertvector(reduce4x4(acc), vf) * vec::load(aff->scale[r0 / kRb]) +
             vec::load(aff->bias[r0 / kRb]);
       else
-        s = reduce4x4(acc);
+        s = reduce4x4(acc) * scale;
       for (int rr = 0; rr < 4 && r0 + rr < R; ++rr) std::memcpy(S + (r0 + rr) * kBk + c, &s[4 * rr], 4 * sizeof(float));
     }
   }
@@ -212,15 +239,20 @@ NPUFA_INLINE void bf16_words(const float* x, int64_t n, short* w) {
   }
 }
 
-// n floats (a multiple of 32) times mul, rounded to the nearest integer (|x · mul| < 2^15), as int16.
-NPUFA_INLINE void int16_words(const float* x, int64_t n, float mul, short* w) {
+// (a, b) times mul, rounded to the nearest integer (|x · mul| < 2^15), as 32 int16 words.
+NPUFA_INLINE v32s int16x32(vf a, vf b, float mul) {
   const vf magic = vec::splat(12582912.f);  // 1.5 · 2^23: adding it rounds to an integer (half to even)
+  const v16i ia = __builtin_convertvector((a * mul + magic) - magic, v16i);
+  const v16i ib = __builtin_convertvector((b * mul + magic) - magic, v16i);
+  return __builtin_shufflevector(reinterpret_cast<v32s>(ia), reinterpret_cast<v32s>(ib), 0, 2, 4, 6, 8, 10, 12, 14, 16,
+                                 18, 20, 22, 24, 26, 28, 30, 32, 34, 36, 38, 40, 42, 44, 46, 48, 50, 52, 54, 56, 58, 60,
+                                 62);
+}
+
+// n floats (a multiple of 32) times mul as int16 words (int16x32).
+NPUFA_INLINE void int16_words(const float* x, int64_t n, float mul, short* w) {
   for (int64_t i = 0; i < n; i += 32) {
-    const v16i a = __builtin_convertvector((vec::load(x + i) * mul + magic) - magic, v16i);
-    const v16i b = __builtin_convertvector((vec::load(x + i + 16) * mul + magic) - magic, v16i);
-    const v32s h = __builtin_shufflevector(reinterpret_cast<v32s>(a), reinterpret_cast<v32s>(b), 0, 2, 4, 6, 8, 10, 12,
-                                           14, 16, 18, 20, 22, 24, 26, 28, 30, 32, 34, 36, 38, 40, 42, 44, 46, 48, 50,
-                                           52, 54, 56, 58, 60, 62);
+    const v32s h = int16x32(vec::load(x + i), vec::load(x + i + 16), mul);
     std::memcpy(w + i, &h, sizeof h);
   }
 }
@@ -233,31 +265,82 @@ NPUFA_INLINE float pow2(int e) {
   return f;
 }
 
-// Probabilities of rows [0, R) (S, stride kBk, zero past the tile end) as words for P·V: bf16 bits
-// (P is already rounded to bf16), or int8 KV: int16 of p · 2^14 / σ with σ the power of two at or above
-// the row's largest p, pw[r] = σ / 2^14.
-template <bool I8>
-NPUFA_INLINE void p_words(const float* S, int64_t R, short* p16, float* pw) {
-  constexpr int kV = kBk / vec::kW;
+// exp(x) for x <= 0 or -inf: vec::exp's reduction and polynomial (same accuracy), with vscalefps
+// applying 2^n, which needs neither the clamp of the input nor the exponent arithmetic (16 operations
+// instead of 22). Exactly 0 below -87.33654, like vec::exp (so P has no subnormals).
+NPUFA_INLINE vf exp_fast(vf x) {
+  const vf t = x * 1.44269504088896341f;
+  const vf n = __builtin_ia32_rndscaleps_mask(t, 0, t, static_cast<unsigned short>(0xffff), 4);  // nearest
+  vf r = x - n * 0.693359375f;  // ln2 split in two for an exact reduction
+  r = r - n * -2.12194440e-4f;
+  vf q = vec::splat(1.9875691500e-4f);  // e^r on [-ln2/2, ln2/2] (Cephes expf coefficients)
+  q = q * r + 1.3981999507e-3f;
+  q = q * r + 8.3334519073e-3f;
+  q = q * r + 4.1665795894e-2f;
+  q = q * r + 1.6666665459e-1f;
+  q = q * r + 5.0000001201e-1f;
+  q = q * r * r + r + 1.f;
+  const vf y = __builtin_ia32_scalefps512_mask(q, n, q, static_cast<unsigned short>(0xffff), 4);
+  return x < -87.33654f ? vf{} : y;
+}
+
+// The probabilities of one key tile as words for P·V, in one pass per row: the softmax step of
+// softmax_step (scores already scaled by qk; no dropout at this level) with the rounding of P to T,
+// then bf16 words, or int8 KV: int16 of p · 2^14 / σ with σ the power of two at or above the row's
+// largest p (exp of the tile's max score, known before the pass), pw[r] = σ / 2^14, and Σ p (of the
+// rounded p) added to O's column dvp for the V offset. Rows past R stay zero.
+template <DType T, bool I8, class RowAt>
+NPUFA_INLINE void softmax_words(const AttnProblem& p, const SeqSpan& sp, int64_t b, int64_t j0, int64_t cols,
+                                TileClass cls, int64_t R, RowAt row_at, float* S, short* p16, float* pw, float* O,
+                                int64_t ost, int64_t dvp, float* M, float* L) {
   for (int64_t r = 0; r < R; ++r) {
-    const float* s = S + r * kBk;
-    vf x[kV];
-    for (int i = 0; i < kV; ++i) x[i] = vec::load(s + i * vec::kW);
-    if constexpr (I8) {
-      vf m = x[0];
-      for (int i = 1; i < kV; ++i) m = vec::vmax(m, x[i]);
-      const float mx = vec::hmax(m);
-      // e: 2^(e-1) < mx <= 2^e (probabilities are normal or 0; below 2^-100 they are lost against
-      // the row's sum, which is >= 1, so e is clamped there)
-      uint32_t u;
-      std::memcpy(&u, &mx, sizeof u);
-      const int e = std::max(-100, static_cast<int>(u >> 23) - 127 + ((u & 0x7fffffu) != 0));
-      const float mul = mx > 0.f ? pow2(14 - e) : 0.f;
-      pw[r] = pow2(e - 14);
-      int16_words(s, kBk, mul, p16 + r * kBk);
-    } else {
-      bf16_words(s, kBk, p16 + r * kBk);
+    float* s = S + r * kBk;
+    short* w = p16 + r * kBk;
+    const auto [n, i] = row_at(r);
+    finish_score_row<T, true>(p, sp, b, n, i, j0, cols, cls, s);
+    vf x[kBk / vec::kW];
+    for (int v = 0; v < kBk / vec::kW; ++v) x[v] = vec::load(s + v * vec::kW);
+    vf mv = x[0];
+    for (int v = 1; v < kBk / vec::kW; ++v) mv = vec::vmax(mv, x[v]);
+    const float mx = vec::hmax(mv);
+    if (mx == -INFINITY) {  // nothing kept in this row of the tile
+      std::memset(w, 0, kBk * sizeof(short));
+      pw[r] = 0.f;
+      continue;
     }
+    const float m_new = std::max(M[r], mx);
+    const float alpha = M[r] == m_new ? 1.f : std::exp(M[r] - m_new);  // 0 on the first kept tile
+    M[r] = m_new;
+    float mul = 0.f;
+    if constexpr (I8) {
+      const float pmax = exp_fast(vec::splat(mx - m_new))[0];  // the row's largest p, bit for bit
+      // e: 2^(e-1) < pmax <= 2^e (p below 2^-100 is lost against the row's sum, which is >= 1)
+      uint32_t u;
+      std::memcpy(&u, &pmax, sizeof u);
+      const int e = std::max(-100, static_cast<int>(u >> 23) - 127 + ((u & 0x7fffffu) != 0));
+      mul = pmax > 0.f ? pow2(14 - e) : 0.f;
+      pw[r] = pow2(e - 14);
+    }
+    vf sv = {}, ps = {};
+    for (int v = 0; v < kBk / vec::kW; v += 2) {
+      const vf ea = exp_fast(x[v] - m_new), eb = exp_fast(x[v + 1] - m_new);
+      sv += ea + eb;
+      if constexpr (!I8) {  // bf16 (usable())
+        const v32s h = __builtin_ia32_cvtne2ps2bf16_v32hi(eb, ea);  // RNE, = vec::round_bf16 (no subnormals here)
+        std::memcpy(w + v * vec::kW, &h, sizeof h);
+      } else {
+        const vf ra = T == DType::BF16 ? vec::round_bf16(ea) : vec::round_f16(ea);
+        const vf rb = T == DType::BF16 ? vec::round_bf16(eb) : vec::round_f16(eb);
+        ps += ra + rb;
+        const v32s h = int16x32(ra, rb, mul);
+        std::memcpy(w + v * vec::kW, &h, sizeof h);
+      }
+    }
+    L[r] = L[r] * alpha + vec::hsum(sv);
+    float* o = O + r * ost;
+    if (alpha != 1.f)
+      for (int64_t d = 0; d < ost; ++d) o[d] *= alpha;
+    if constexpr (I8) o[dvp] += vec::hsum(ps);
   }
 }
 #endif

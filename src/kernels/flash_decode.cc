@@ -274,12 +274,9 @@ NPUFA_INLINE void dot_tiles(const AttnProblem& p, const SeqSpan& sp, int64_t b, 
     TileRows<KT, T>& nx = rows[cur ^ 1];  // the next tile, prefetched during this one
     const int64_t next_cols = j0 + kBk < jb ? std::min(kBk, jb - j0 - kBk) : 0;
     if (next_cols > 0) nx.fill(p, b, nk, sp.kv_off + j0 + kBk, j0 + kBk, next_cols);
-    dot::qk<KT, T, Acc>(q16, dq, p.D, p.Dr, t.k, t.kr, R, cols, S, aff, nx.k, next_cols);
-    softmax_step<T>(p, sp, b, j0, cols, cls, R, row_at, S, O, ost, M, L);  // rescales Σ p too
-    dot::p_words<i8>(S, R, p16, pw);
+    dot::qk<KT, T>(q16, dq, p.D, p.Dr, t.k, t.kr, R, cols, p.scale, S, aff, nx.k, next_cols);
+    dot::softmax_words<T, i8>(p, sp, b, j0, cols, cls, R, row_at, S, p16, pw, O, ost, dvp, M, L);
     dot::pv<KT, Acc>(p16, t.v, (cols + 1) / 2 * 2, R, p.Dv, O, ost, pw, nx.v, next_cols);
-    if constexpr (i8)
-      for (int64_t r = 0; r < R; ++r) O[r * ost + dvp] += row_sum(S + r * kBk);
     cur ^= 1;
   }
 }
@@ -351,8 +348,8 @@ struct DecodeItem {
           if (mx > 0.f && std::frexp(mx / qmax, &e) == 0.5f) --e;  // smallest 2^e with mx / 2^e <= qmax
           dot::int16_words(qr, p.D, std::ldexp(1.f, -e), w);
           for (int j = 0; j < 4; ++j) {
-            aff.scale[r / kRb][(r % kRb) * 4 + j] = std::ldexp(1.f, e);
-            aff.bias[r / kRb][(r % kRb) * 4 + j] = r < R ? kbias[r] : 0.f;
+            aff.scale[r / kRb][(r % kRb) * 4 + j] = std::ldexp(p.scale, e);
+            aff.bias[r / kRb][(r % kRb) * 4 + j] = r < R ? kbias[r] * p.scale : 0.f;
           }
         }
         std::fill(p16, p16 + rp * kBk, short{0});

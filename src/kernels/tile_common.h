@@ -272,13 +272,15 @@ NPUFA_INLINE void store_rows(const Acc4& a, int64_t b, int64_t n, int64_t off, i
   }
 }
 
-// One row of scores, in place: s = qk·scale, masked -> -inf, + pse·mul on kept positions (mask
-// first: compressed alibi is only defined, and only readable, there), padding columns -> -inf.
-template <DType T>
+// One row of scores, in place: s = qk·scale (kScaled: the caller has scaled already), masked -> -inf,
+// + pse·mul on kept positions (mask first: compressed alibi is only defined, and only readable,
+// there), padding columns -> -inf.
+template <DType T, bool kScaled = false>
 NPUFA_INLINE void finish_score_row(const AttnProblem& p, const SeqSpan& sp, int64_t b, int64_t n, int64_t i,
                                    int64_t j0, int64_t cols, TileClass cls, float* s) {
   constexpr int kV = kBk / vec::kW;
-  for (int x = 0; x < kV; ++x) vec::store(s + x * vec::kW, vec::load(s + x * vec::kW) * p.scale);
+  if constexpr (!kScaled)
+    for (int x = 0; x < kV; ++x) vec::store(s + x * vec::kW, vec::load(s + x * vec::kW) * p.scale);
   if (cls == TileClass::Partial)
     for (int64_t c = 0; c < cols; ++c)
       if (p.mask.masked(b, n, i, j0 + c)) s[c] = -INFINITY;

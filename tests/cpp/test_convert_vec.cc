@@ -7,6 +7,7 @@
 #include <random>
 
 #include "core/convert.h"
+#include "kernels/decode_dot.h"
 #include "kernels/vec.h"
 
 namespace npufa {
@@ -56,6 +57,40 @@ TEST(VecReduce, SumAndMax) {
   x[3] = 40.f;
   EXPECT_EQ(vec::hmax(vec::load(x)), 40.f);
 }
+
+#if NPUFA_DOT_BUILTINS
+__attribute__((target("arch=x86-64-v4"), noinline)) void exp_fast16(const float* x, float* y) {
+  vec::store(y, tile::dot::exp_fast(vec::load(x)));
+}
+
+// The dot level's exp: within 4e-7 of exp (relative) over the softmax's range, exactly 1 at 0, and 0
+// below -87.33654 and at -inf like vec::exp (P then has no subnormals).
+TEST(VecExp, FastExpOfTheDotLevel) {
+  if (!__builtin_cpu_supports("avx512f")) GTEST_SKIP() << "no AVX-512 on this CPU";
+  std::mt19937 rng(7);
+  std::uniform_real_distribution<float> u(-87.3f, 0.f);
+  float x[16], y[16];
+  double worst = 0.;
+  for (int it = 0; it < 20000; ++it) {
+    for (float& v : x) v = it < 10 ? -static_cast<float>(it) * 0.5f : u(rng);
+    exp_fast16(x, y);
+    for (int i = 0; i < 16; ++i) worst = std::max(worst, std::abs(y[i] / std::exp(static_cast<double>(x[i])) - 1.));
+  }
+  EXPECT_LT(worst, 4e-7);
+  const float edge[16] = {0.f, -0.f, -INFINITY, -87.34f, -88.f, -1000.f, -87.33f, -1e-30f,
+                          -0.5f, -0.34657359f, -0.34657360f, -1.f, -2.f, -10.f, -20.f, -40.f};
+  exp_fast16(edge, y);
+  EXPECT_EQ(y[0], 1.f);
+  EXPECT_EQ(y[1], 1.f);
+  EXPECT_EQ(y[2], 0.f);
+  EXPECT_EQ(y[3], 0.f);
+  EXPECT_EQ(y[4], 0.f);
+  EXPECT_EQ(y[5], 0.f);
+  EXPECT_GE(y[6], 0x1p-126f);  // the smallest kept value is normal
+  EXPECT_EQ(y[7], 1.f);
+  for (int i = 8; i < 16; ++i) EXPECT_NEAR(y[i] / std::exp(static_cast<double>(edge[i])), 1., 4e-7) << edge[i];
+}
+#endif
 
 }  // namespace
 }  // namespace npufa
