@@ -66,29 +66,19 @@ NPUFA_INLINE v8i dot(v8i acc, v16s a, v16s b) {
   return __builtin_ia32_vpdpwssd_v8si(acc, reinterpret_cast<v8i>(a), reinterpret_cast<v8i>(b));
 }
 
-// 16 elements of a row as words: bf16 as they are, int8 sign-extended.
-template <DType X>
-NPUFA_INLINE v16s words16(const St<X>* x) {
+// N (16 or 32) elements of a row as words: bf16 as they are, int8 sign-extended.
+template <DType X, int N = 32>
+NPUFA_INLINE auto words(const St<X>* x) {
+  using W = std::conditional_t<N == 16, v16s, v32s>;
   if constexpr (X == DType::I8) {
-    v16c c;
+    std::conditional_t<N == 16, v16c, v32c> c;
     std::memcpy(&c, x, sizeof c);
-    return __builtin_ia32_pmovsxbw256_mask(c, v16s{}, 0xffffu);
+    if constexpr (N == 16)
+      return __builtin_ia32_pmovsxbw256_mask(c, W{}, 0xffffu);
+    else
+      return __builtin_ia32_pmovsxbw512_mask(c, W{}, 0xffffffffu);
   } else {
-    v16s w;
-    std::memcpy(&w, x, sizeof w);
-    return w;
-  }
-}
-
-// 32 elements of a row as words: bf16 as they are, int8 sign-extended.
-template <DType X>
-NPUFA_INLINE v32s words(const St<X>* x) {
-  if constexpr (X == DType::I8) {
-    v32c c;
-    std::memcpy(&c, x, sizeof c);
-    return __builtin_ia32_pmovsxbw512_mask(c, v32s{}, 0xffffffffu);
-  } else {
-    v32s w;
+    W w;
     std::memcpy(&w, x, sizeof w);
     return w;
   }
@@ -147,7 +137,7 @@ NPUFA_INLINE void qk(const short* q16, int64_t dq, int64_t D, int64_t Dr, const 
       const short* q = q16 + r0 * dq;
       for (int64_t d = 0; d < D; d += 16) {
         v16s kv[4];
-        for (int j = 0; j < 4; ++j) kv[j] = words16<KT>(k[c + j] + d);
+        for (int j = 0; j < 4; ++j) kv[j] = words<KT, 16>(k[c + j] + d);
         for (int rr = 0; rr < 4; ++rr) {
           v16s qv;
           std::memcpy(&qv, q + rr * dq + d, sizeof qv);
@@ -156,7 +146,7 @@ NPUFA_INLINE void qk(const short* q16, int64_t dq, int64_t D, int64_t Dr, const 
       }
       for (int64_t d = 0; d < Dr; d += 16) {
         v16s kv[4];
-        for (int j = 0; j < 4; ++j) kv[j] = words16<RT>(kr[c + j] + d);
+        for (int j = 0; j < 4; ++j) kv[j] = words<RT, 16>(kr[c + j] + d);
         for (int rr = 0; rr < 4; ++rr) {
           v16s qv;
           std::memcpy(&qv, q + rr * dq + D + d, sizeof qv);
@@ -271,15 +261,7 @@ NPUFA_INLINE float pow2(int e) {
 NPUFA_INLINE vf exp_fast(vf x) {
   const vf t = x * 1.44269504088896341f;
   const vf n = __builtin_ia32_rndscaleps_mask(t, 0, t, static_cast<unsigned short>(0xffff), 4);  // nearest
-  vf r = x - n * 0.693359375f;  // ln2 split in two for an exact reduction
-  r = r - n * -2.12194440e-4f;
-  vf q = vec::splat(1.9875691500e-4f);  // e^r on [-ln2/2, ln2/2] (Cephes expf coefficients)
-  q = q * r + 1.3981999507e-3f;
-  q = q * r + 8.3334519073e-3f;
-  q = q * r + 4.1665795894e-2f;
-  q = q * r + 1.6666665459e-1f;
-  q = q * r + 5.0000001201e-1f;
-  q = q * r * r + r + 1.f;
+  const vf q = vec::exp_reduced(x, n);
   const vf y = __builtin_ia32_scalefps512_mask(q, n, q, static_cast<unsigned short>(0xffff), 4);
   return x < -87.33654f ? vf{} : y;
 }

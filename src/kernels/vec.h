@@ -40,22 +40,27 @@ __attribute__((always_inline)) inline float hmax(vf v) {
   return m0 > m1 ? m0 : m1;
 }
 
-// exp(x) to ~2 ulp over the fp32 range; exactly 0 for x < -87.3 (masked scores are -inf).
-__attribute__((always_inline)) inline vf exp(vf x) {
-  const vf lo = splat(-87.33654f), hi = splat(88.72283f);
-  const vf xc = x < lo ? lo : (x > hi ? hi : x);
-  const vf magic = splat(12582912.f);  // 1.5 * 2^23: adding it rounds to an integer
-  const vf n = (xc * 1.44269504088896341f + magic) - magic;
-  vf r = xc - n * 0.693359375f;  // ln2 split in two for an exact reduction
+// e^(x - n·ln2) for n = round(x / ln2): the reduction (ln2 split in two, so it is exact) and a degree-6
+// polynomial on [-ln2/2, ln2/2] (Cephes expf coefficients).
+__attribute__((always_inline)) inline vf exp_reduced(vf x, vf n) {
+  vf r = x - n * 0.693359375f;
   r = r - n * -2.12194440e-4f;
-  // e^r on [-ln2/2, ln2/2], degree-6 polynomial (Cephes expf coefficients).
   vf p = splat(1.9875691500e-4f);
   p = p * r + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
   p = p * r + 4.1665795894e-2f;
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.f;
+  return p * r * r + r + 1.f;
+}
+
+// exp(x) to ~2 ulp over the fp32 range; exactly 0 for x < -87.3 (masked scores are -inf).
+__attribute__((always_inline)) inline vf exp(vf x) {
+  const vf lo = splat(-87.33654f), hi = splat(88.72283f);
+  const vf xc = x < lo ? lo : (x > hi ? hi : x);
+  const vf magic = splat(12582912.f);  // 1.5 * 2^23: adding it rounds to an integer
+  const vf n = (xc * 1.44269504088896341f + magic) - magic;
+  const vf p = exp_reduced(xc, n);
   const vi e = (__builtin_convertvector(n, vi) + 127) << 23;
   vf scale;
   std::memcpy(&scale, &e, sizeof scale);
