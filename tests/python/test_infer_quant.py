@@ -1057,22 +1057,21 @@ DEQ_F = dict(dequant_scale1=torch.tensor([1e-3]), quant_scale1=torch.tensor([127
              dequant_scale2=torch.tensor([1e-3]))
 
 
-def _sep(ks=None, vs=None, ko=None, vo=None, km=0, vm=0):
-    d = dict(key_antiquant_mode=km, value_antiquant_mode=vm)
-    for n, x in (("key_antiquant_scale", ks), ("value_antiquant_scale", vs), ("key_antiquant_offset", ko),
-                 ("value_antiquant_offset", vo)):
-        if x is not None:
-            d[n] = x
+def _kv_quant(names, ks, vs, ko, vo, km, vm):
+    """Separate K/V (anti)quant arguments under `names` (modes, then scales and offsets); None left out."""
+    d = {names[0]: km, names[1]: vm}
+    d.update({n: x for n, x in zip(names[2:], (ks, vs, ko, vo)) if x is not None})
     return d
+
+
+def _sep(ks=None, vs=None, ko=None, vo=None, km=0, vm=0):
+    return _kv_quant(("key_antiquant_mode", "value_antiquant_mode", "key_antiquant_scale", "value_antiquant_scale",
+                      "key_antiquant_offset", "value_antiquant_offset"), ks, vs, ko, vo, km, vm)
 
 
 def _sep2(ks=None, vs=None, ko=None, vo=None, km=0, vm=0):
-    d = dict(key_quant_mode=km, value_quant_mode=vm)
-    for n, x in (("dequant_scale_key", ks), ("dequant_scale_value", vs), ("dequant_offset_key", ko),
-                 ("dequant_offset_value", vo)):
-        if x is not None:
-            d[n] = x
-    return d
+    return _kv_quant(("key_quant_mode", "value_quant_mode", "dequant_scale_key", "dequant_scale_value",
+                      "dequant_offset_key", "dequant_offset_value"), ks, vs, ko, vo, km, vm)
 
 
 def _without(d, name):
