@@ -16,5 +16,10 @@ void parallel_for(int64_t n, const std::function<void(int64_t item, int thread)>
 // Same with an explicit thread count: thread indices stay below `threads` even if
 // set_num_threads() is called concurrently (kernels size per-thread scratch with it).
 void parallel_for(int64_t n, int threads, const std::function<void(int64_t item, int thread)>& fn);
+// Same, but each thread claims its next item before running the current one and fn also receives
+// that item (-1: none), so a kernel can prefetch the next item's first data during the current
+// item's last work. Scheduling is otherwise the same (at most one claimed item waits per thread).
+void parallel_for_ahead(int64_t n, int threads,
+                        const std::function<void(int64_t item, int64_t next, int thread)>& fn);
 
 }  // namespace npufa

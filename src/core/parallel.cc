@@ -43,12 +43,14 @@ class Pool {
  public:
   ~Pool() { resize(0); }
 
-  void run(int nthreads, int64_t n, const std::function<void(int64_t, int)>& fn) {
+  // fn(item, next, thread); ahead: next is the item the thread claimed to run after this one.
+  void run(int nthreads, int64_t n, bool ahead, const std::function<void(int64_t, int64_t, int)>& fn) {
     std::lock_guard<std::mutex> call_lock(call_mu_);  // one parallel region at a time
     if (static_cast<int>(workers_.size()) != nthreads - 1) resize(nthreads - 1);
     next_.store(0);
     fn_ = &fn;
     n_ = n;
+    ahead_ = ahead;
     active_.store(static_cast<int>(workers_.size()));
     {
       std::lock_guard<std::mutex> lk(mu_);
@@ -73,16 +75,17 @@ class Pool {
  private:
   // Kernels do not throw after validation, but an allocation can: keep the first error and stop.
   void drain(int tid) {
-    for (;;) {
-      int64_t i = next_.fetch_add(1);
-      if (i >= n_) break;
+    for (int64_t i = next_.fetch_add(1); i < n_;) {
+      const int64_t j = ahead_ ? next_.fetch_add(1) : -1;
       try {
-        (*fn_)(i, tid);
+        (*fn_)(i, j < n_ ? j : -1, tid);
       } catch (...) {
         std::lock_guard<std::mutex> lk(err_mu_);
         if (!error_) error_ = std::current_exception();
         next_.store(n_);
+        break;
       }
+      i = ahead_ ? j : next_.fetch_add(1);
     }
   }
 
@@ -122,8 +125,9 @@ class Pool {
   std::exception_ptr error_;
   std::condition_variable cv_, done_cv_;
   std::vector<std::thread> workers_;
-  const std::function<void(int64_t, int)>* fn_ = nullptr;
+  const std::function<void(int64_t, int64_t, int)>* fn_ = nullptr;
   int64_t n_ = 0;
+  bool ahead_ = false;
   std::atomic<int64_t> next_{0};
   std::atomic<int> active_{0};
   std::atomic<uint64_t> generation_{0};
@@ -154,7 +158,17 @@ void parallel_for(int64_t n, int threads, const std::function<void(int64_t, int)
     return;
   }
   // The pool keeps threads - 1 workers: thread indices stay below `threads`.
-  pool().run(threads, n, fn);
+  pool().run(threads, n, false, [&](int64_t i, int64_t, int tid) { fn(i, tid); });
+}
+
+void parallel_for_ahead(int64_t n, int threads, const std::function<void(int64_t, int64_t, int)>& fn) {
+  if (n <= 0) return;
+  threads = std::max(threads, 1);
+  if (threads == 1 || n == 1 || t_in_region) {
+    for (int64_t i = 0; i < n; ++i) fn(i, i + 1 < n ? i + 1 : -1, 0);
+    return;
+  }
+  pool().run(threads, n, true, fn);
 }
 
 }  // namespace npufa

@@ -197,6 +197,21 @@ struct Plan {
   std::vector<int64_t> part_start;             // per batch: first float of its partials
   int64_t items = 0, part_floats = 0;
   bool direct = false;  // K/V rows widened in registers (direct_ok)
+
+  // Item -> (batch, KV head, chunk) through the per-batch starts.
+  void locate(int64_t it, int64_t* b, int64_t* nk, int64_t* c) const {
+    const size_t bi = static_cast<size_t>(std::upper_bound(item_start.begin(), item_start.end(), it) -
+                                          item_start.begin() - 1);
+    const int64_t local = it - item_start[bi];
+    *b = static_cast<int64_t>(bi);
+    *nk = local / nchunks[bi];
+    *c = local % nchunks[bi];
+  }
+  // Keys [*ja, *jb) of chunk c of batch b.
+  void keys(int64_t b, int64_t c, int64_t* ja, int64_t* jb) const {
+    *ja = jlo[static_cast<size_t>(b)] + c * chunk * kBk;
+    *jb = std::min(jhi[static_cast<size_t>(b)], *ja + chunk * kBk);
+  }
 };
 
 Plan make_plan(const AttnProblem& p) {
@@ -233,6 +248,22 @@ Plan make_plan(const AttnProblem& p) {
 }
 
 #if NPUFA_DOT_BUILTINS
+// The first key tile of an item (cols == 0: none), for the prefetch that runs ahead of it.
+struct NextTile {
+  int64_t b = 0, nk = 0, off = 0, cols = 0;  // off: the tile's first key row in the cache's sequence
+};
+NextTile next_tile(const AttnProblem& p, const Plan& pl, int64_t item) {
+  NextTile t;
+  if (item < 0) return t;
+  int64_t c, ja, jb;
+  pl.locate(item, &t.b, &t.nk, &c);
+  pl.keys(t.b, c, &ja, &jb);
+  const SeqSpan& sp = p.seqs[static_cast<size_t>(t.b)];
+  t.off = sp.kv_off + ja;
+  t.cols = sp.q_len > 0 ? std::clamp<int64_t>(std::min(jb, sp.kv_len) - ja, 0, kBk) : 0;
+  return t;
+}
+
 // Row pointers of one key tile, padded with the zero row to whole blocks of 4 keys.
 template <DType KT, DType RT>
 struct TileRows {
@@ -257,8 +288,8 @@ struct TileRows {
 // Σ p for the offset of V.
 template <DType T, DType KT, class RowAt>
 NPUFA_INLINE void dot_tiles(const AttnProblem& p, const SeqSpan& sp, int64_t b, int64_t nk, int64_t ja, int64_t jb,
-                            int64_t R, RowAt row_at, const short* q16, const dot::RowAffine* aff, float* S,
-                            short* p16, float* O, int64_t ost, float* M, float* L) {
+                            const NextTile& nt, int64_t R, RowAt row_at, const short* q16, const dot::RowAffine* aff,
+                            float* S, short* p16, float* O, int64_t ost, float* M, float* L) {
   constexpr bool i8 = KT == DType::I8;
   using Acc = std::conditional_t<i8, dot::v16i, vec::vf>;
   const int64_t dq = p.D + p.Dr, dvp = padded(p.Dv);
@@ -272,8 +303,13 @@ NPUFA_INLINE void dot_tiles(const AttnProblem& p, const SeqSpan& sp, int64_t b, 
     TileRows<KT, T>& t = rows[cur];
     if (t.j0 != j0) t.fill(p, b, nk, sp.kv_off + j0, j0, cols);
     TileRows<KT, T>& nx = rows[cur ^ 1];  // the next tile, prefetched during this one
-    const int64_t next_cols = j0 + kBk < jb ? std::min(kBk, jb - j0 - kBk) : 0;
-    if (next_cols > 0) nx.fill(p, b, nk, sp.kv_off + j0 + kBk, j0 + kBk, next_cols);
+    int64_t next_cols = j0 + kBk < jb ? std::min(kBk, jb - j0 - kBk) : 0;
+    if (next_cols > 0) {
+      nx.fill(p, b, nk, sp.kv_off + j0 + kBk, j0 + kBk, next_cols);
+    } else if (nt.cols > 0) {  // the last tile: prefetch the first tile of this thread's next item
+      nx.fill(p, nt.b, nt.nk, nt.off, -1, nt.cols);
+      next_cols = nt.cols;
+    }
     dot::qk<KT, T>(q16, dq, p.D, p.Dr, t.k, t.kr, R, cols, p.scale, S, aff, nx.k, next_cols);
     dot::softmax_words<T, i8>(p, sp, b, j0, cols, cls, R, row_at, S, p16, pw, O, ost, dvp, M, L);
     dot::pv<KT, Acc>(p16, t.v, (cols + 1) / 2 * 2, R, p.Dv, O, ost, pw, nx.v, next_cols);
@@ -286,8 +322,8 @@ NPUFA_INLINE void dot_tiles(const AttnProblem& p, const SeqSpan& sp, int64_t b, 
 struct DecodeItem {
   static constexpr bool kDotIsa = true;  // compiled for the dot-product level too
   template <DType T, int Isa>
-  NPUFA_INLINE static void run(const AttnProblem* pp, const Plan* plp, int64_t b, int64_t nk, int64_t c, Scratch* scp,
-                               float* part) {
+  NPUFA_INLINE static void run(const AttnProblem* pp, const Plan* plp, int64_t b, int64_t nk, int64_t c,
+                               [[maybe_unused]] int64_t next, Scratch* scp, float* part) {
     const AttnProblem& p = *pp;
     const Plan& pl = *plp;
     Scratch& sc = *scp;
@@ -321,8 +357,8 @@ struct DecodeItem {
     std::fill(M, M + R, -INFINITY);
     std::fill(L, L + R, 0.f);
 
-    const int64_t ja = pl.jlo[static_cast<size_t>(b)] + c * pl.chunk * kBk;
-    const int64_t jb = std::min(pl.jhi[static_cast<size_t>(b)], ja + pl.chunk * kBk);
+    int64_t ja, jb;
+    pl.keys(b, c, &ja, &jb);
     const auto row_at = [&](int64_t r) { return std::pair<int64_t, int64_t>{nk * p.G + r / ql, r % ql}; };
 #if NPUFA_DOT_BUILTINS
     if constexpr (Isa >= kIsaV4Dot) {
@@ -353,10 +389,11 @@ struct DecodeItem {
           }
         }
         std::fill(p16, p16 + rp * kBk, short{0});
+        const NextTile nt = next_tile(p, pl, next);
         if (i8)
-          dot_tiles<T, DType::I8>(p, sp, b, nk, ja, jb, R, row_at, q16, &aff, S, p16, O, ost, M, L);
+          dot_tiles<T, DType::I8>(p, sp, b, nk, ja, jb, nt, R, row_at, q16, &aff, S, p16, O, ost, M, L);
         else
-          dot_tiles<T, T>(p, sp, b, nk, ja, jb, R, row_at, q16, &aff, S, p16, O, ost, M, L);
+          dot_tiles<T, T>(p, sp, b, nk, ja, jb, nt, R, row_at, q16, &aff, S, p16, O, ost, M, L);
         write_partial(p, R, O, ost, M, L, i8, fo, part);
         return;
       }
@@ -458,20 +495,11 @@ void flash_decode(const AttnProblem& p) {
   for (const SeqSpan& s : p.seqs) maxR = std::max(maxR, p.G * s.q_len);
   const int64_t dvp = padded(p.Dv);
 
-  // Item -> (b, nk, chunk) through the per-batch starts.
-  auto locate = [&](int64_t it, int64_t* b, int64_t* nk, int64_t* c) {
-    const size_t bi = static_cast<size_t>(std::upper_bound(pl.item_start.begin(), pl.item_start.end(), it) -
-                                          pl.item_start.begin() - 1);
-    const int64_t local = it - pl.item_start[bi];
-    *b = static_cast<int64_t>(bi);
-    *nk = local / pl.nchunks[bi];
-    *c = local % pl.nchunks[bi];
-  };
-  const auto item_fn =
-      isa_entry<DecodeItem, const AttnProblem*, const Plan*, int64_t, int64_t, int64_t, Scratch*, float*>(p.dtype);
-  parallel_for(pl.items, nthreads, [&](int64_t it, int tid) {
+  const auto item_fn = isa_entry<DecodeItem, const AttnProblem*, const Plan*, int64_t, int64_t, int64_t, int64_t,
+                                 Scratch*, float*>(p.dtype);
+  parallel_for_ahead(pl.items, nthreads, [&](int64_t it, int64_t next, int tid) {
     int64_t b, nk, c;
-    locate(it, &b, &nk, &c);
+    pl.locate(it, &b, &nk, &c);
     const SeqSpan& sp = p.seqs[static_cast<size_t>(b)];
     if (sp.q_len == 0) return;
     Scratch& sc = scratch[static_cast<size_t>(tid)];
@@ -482,7 +510,7 @@ void flash_decode(const AttnProblem& p) {
       for (int64_t r = 0; r < R; ++r) part[r * (dvp + 2)] = -INFINITY;
       return;
     }
-    item_fn(&p, &pl, b, nk, c, &sc, part);
+    item_fn(&p, &pl, b, nk, c, next, &sc, part);
   });
 
   const auto merge_fn = isa_entry<MergeItem, const AttnProblem*, const Plan*, int64_t, int64_t, const float*, float*>(p.dtype);

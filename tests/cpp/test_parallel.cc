@@ -48,6 +48,37 @@ TEST(Parallel, EveryIndexExactlyOnce) {
   }
 }
 
+// parallel_for_ahead: every index once, and each call's `next` is the item its thread runs next
+// (-1 after its last), so a kernel may prefetch for it; exceptions still reach the caller.
+TEST(Parallel, AheadGivesEachThreadItsNextItem) {
+  for (int threads : {1, 2, 4}) {
+    for (int64_t n : {int64_t{0}, int64_t{1}, int64_t{2}, int64_t{7}, int64_t{1000}}) {
+      std::mutex mu;
+      std::vector<std::vector<std::pair<int64_t, int64_t>>> seq(static_cast<size_t>(threads));  // (item, next)
+      parallel_for_ahead(n, threads, [&](int64_t i, int64_t next, int tid) {
+        std::lock_guard<std::mutex> lk(mu);
+        seq[static_cast<size_t>(tid)].push_back({i, next});
+      });
+      std::vector<int> hits(static_cast<size_t>(n));
+      int64_t wrong_next = 0;
+      for (const auto& s : seq)
+        for (size_t k = 0; k < s.size(); ++k) {
+          ++hits[static_cast<size_t>(s[k].first)];
+          wrong_next += s[k].second != (k + 1 < s.size() ? s[k + 1].first : -1);
+        }
+      int64_t bad = 0;
+      for (int h : hits) bad += h != 1;
+      EXPECT_EQ(bad, 0) << "threads " << threads << " n " << n;
+      EXPECT_EQ(wrong_next, 0) << "threads " << threads << " n " << n;
+    }
+    EXPECT_THROW(parallel_for_ahead(100, threads,
+                                    [](int64_t i, int64_t, int) {
+                                      if (i == 42) throw std::runtime_error("boom");
+                                    }),
+                 std::runtime_error);
+  }
+}
+
 // Workers spin briefly after a region and then sleep: regions back to back (caught while spinning)
 // and regions after a pause longer than the spin (woken from sleep) both cover every index once.
 TEST(Parallel, BackToBackAndSpacedRegions) {
