@@ -150,25 +150,25 @@ int get_num_threads() {
 
 void parallel_for(int64_t n, const std::function<void(int64_t, int)>& fn) { parallel_for(n, get_num_threads(), fn); }
 
-void parallel_for(int64_t n, int threads, const std::function<void(int64_t, int)>& fn) {
+namespace {
+void region(int64_t n, int threads, bool ahead, const std::function<void(int64_t, int64_t, int)>& fn) {
   if (n <= 0) return;
   threads = std::max(threads, 1);
   if (threads == 1 || n == 1 || t_in_region) {
-    for (int64_t i = 0; i < n; ++i) fn(i, 0);
+    for (int64_t i = 0; i < n; ++i) fn(i, ahead && i + 1 < n ? i + 1 : -1, 0);
     return;
   }
   // The pool keeps threads - 1 workers: thread indices stay below `threads`.
-  pool().run(threads, n, false, [&](int64_t i, int64_t, int tid) { fn(i, tid); });
+  pool().run(threads, n, ahead, fn);
+}
+}  // namespace
+
+void parallel_for(int64_t n, int threads, const std::function<void(int64_t, int)>& fn) {
+  region(n, threads, false, [&](int64_t i, int64_t, int tid) { fn(i, tid); });
 }
 
 void parallel_for_ahead(int64_t n, int threads, const std::function<void(int64_t, int64_t, int)>& fn) {
-  if (n <= 0) return;
-  threads = std::max(threads, 1);
-  if (threads == 1 || n == 1 || t_in_region) {
-    for (int64_t i = 0; i < n; ++i) fn(i, i + 1 < n ? i + 1 : -1, 0);
-    return;
-  }
-  pool().run(threads, n, true, fn);
+  region(n, threads, true, fn);
 }
 
 }  // namespace npufa
