@@ -258,9 +258,8 @@ NextTile next_tile(const AttnProblem& p, const Plan& pl, int64_t item) {
   int64_t c, ja, jb;
   pl.locate(item, &t.b, &t.nk, &c);
   pl.keys(t.b, c, &ja, &jb);
-  const SeqSpan& sp = p.seqs[static_cast<size_t>(t.b)];
-  t.off = sp.kv_off + ja;
-  t.cols = sp.q_len > 0 ? std::clamp<int64_t>(std::min(jb, sp.kv_len) - ja, 0, kBk) : 0;
+  t.off = p.seqs[static_cast<size_t>(t.b)].kv_off + ja;
+  t.cols = std::min(kBk, jb - ja);  // make_plan keeps [ja, jb) inside the keys (empty without queries)
   return t;
 }
 
