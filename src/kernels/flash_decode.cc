@@ -165,10 +165,8 @@ NPUFA_INLINE void pv_direct(const AttnProblem& p, int64_t b, int64_t nk, int64_t
 struct Folded {
   const float *ks = nullptr, *ko = nullptr, *vs = nullptr, *vo = nullptr;  // per channel of KV head nk
   float kc_s = 1.f, kc_o = 0.f, vc_s = 1.f, vc_o = 0.f;                   // Const factors
-  float k_scale(int64_t d) const { return ks ? ks[d] : kc_s; }
-  float k_off(int64_t d) const { return ko ? ko[d] : kc_o; }
-  float v_scale(int64_t d) const { return vs ? vs[d] : vc_s; }
-  float v_off(int64_t d) const { return vo ? vo[d] : vc_o; }
+  // Channels [d, d + 16) of a factor (D and Dv are whole vectors on the direct path).
+  static vec::vf at(const float* ch, float c, int64_t d) { return ch ? vec::load(ch + d) : vec::splat(c); }
 };
 Folded folded_of(const AttnProblem& p, int64_t nk) {
   const auto ch = [](const Factor& f, int64_t off) { return f.kind == Factor::Kind::Channel ? f.ch.data() + off : nullptr; };
@@ -346,9 +344,9 @@ struct DecodeItem {
         float* qr = Q + r * qld;
         vec::vf bias = {};
         for (int64_t d = 0; d < p.D; d += vec::kW) {
-          const vec::vf q = vec::load(qr + d) * (fo.ks ? vec::load(fo.ks + d) : vec::splat(fo.kc_s));
+          const vec::vf q = vec::load(qr + d) * Folded::at(fo.ks, fo.kc_s, d);
           vec::store(qr + d, q);
-          bias += q * (fo.ko ? vec::load(fo.ko + d) : vec::splat(fo.kc_o));
+          bias += q * Folded::at(fo.ko, fo.kc_o, d);
         }
         kbias[r] = vec::hsum(bias);
       }
@@ -382,9 +380,10 @@ struct DecodeItem {
           int e = 0;
           if (mx > 0.f && std::frexp(mx / qmax, &e) == 0.5f) --e;  // smallest 2^e with mx / 2^e <= qmax
           dot::int16_words(qr, p.D, std::ldexp(1.f, -e), w);
+          const float qs = std::ldexp(p.scale, e), qb = r < R ? kbias[r] * p.scale : 0.f;
           for (int j = 0; j < 4; ++j) {
-            aff.scale[r / kRb][(r % kRb) * 4 + j] = std::ldexp(p.scale, e);
-            aff.bias[r / kRb][(r % kRb) * 4 + j] = r < R ? kbias[r] * p.scale : 0.f;
+            aff.scale[r / kRb][(r % kRb) * 4 + j] = qs;
+            aff.bias[r / kRb][(r % kRb) * 4 + j] = qb;
           }
         }
         std::fill(p16, p16 + rp * kBk, short{0});
@@ -443,9 +442,12 @@ struct DecodeItem {
       dst[0] = M[r];
       dst[1] = L[r];
       const float* o = O + r * ost;
-      if (folded)
-        for (int64_t d = 0; d < dvp; ++d) dst[2 + d] = d < Dv ? fo.v_scale(d) * (o[d] + o[dvp] * fo.v_off(d)) : 0.f;
-      else
+      if (folded) {  // direct_ok: Dv is whole vectors
+        const vec::vf sum = vec::splat(o[dvp]);
+        for (int64_t d = 0; d < Dv; d += vec::kW) {
+          vec::store(dst + 2 + d, Folded::at(fo.vs, fo.vc_s, d) * (vec::load(o + d) + sum * Folded::at(fo.vo, fo.vc_o, d)));
+        }
+      } else
         std::copy(o, o + dvp, dst + 2);
     }
   }
@@ -488,23 +490,26 @@ void flash_decode(const AttnProblem& p) {
   const int nthreads = get_num_threads();
   const Plan pl = make_plan(p);
   if (pl.items == 0) return;
-  std::vector<float> parts(static_cast<size_t>(pl.part_floats));
-  std::vector<Scratch> scratch(static_cast<size_t>(nthreads));
+  // The partials, and below each thread's scratch, live as long as the thread: decode runs once per
+  // generated token, and fresh buffers cost a zero fill and page faults on every call.
+  static thread_local std::vector<float> part_buf;
+  if (part_buf.size() < static_cast<size_t>(pl.part_floats)) part_buf.resize(static_cast<size_t>(pl.part_floats));
+  float* const parts = part_buf.data();  // the caller's buffer (inside the lambdas the name would be the worker's)
   int64_t maxR = 0;
   for (const SeqSpan& s : p.seqs) maxR = std::max(maxR, p.G * s.q_len);
   const int64_t dvp = padded(p.Dv);
 
   const auto item_fn = isa_entry<DecodeItem, const AttnProblem*, const Plan*, int64_t, int64_t, int64_t, int64_t,
                                  Scratch*, float*>(p.dtype);
-  parallel_for_ahead(pl.items, nthreads, [&](int64_t it, int64_t next, int tid) {
+  parallel_for_ahead(pl.items, nthreads, [&](int64_t it, int64_t next, int) {
     int64_t b, nk, c;
     pl.locate(it, &b, &nk, &c);
     const SeqSpan& sp = p.seqs[static_cast<size_t>(b)];
     if (sp.q_len == 0) return;
-    Scratch& sc = scratch[static_cast<size_t>(tid)];
-    if (sc.q.empty()) sc.reserve(maxR, kRb, p.D + p.Dr, p.Dv, vec::kW);  // each head's Q load pads to whole kRb rows; + Σ p column
+    static thread_local Scratch sc;
+    sc.reserve(maxR, kRb, p.D + p.Dr, p.Dv, vec::kW);  // each head's Q load pads to whole kRb rows; + Σ p column
     const int64_t R = p.G * sp.q_len;
-    float* part = parts.data() + pl.part_start[static_cast<size_t>(b)] + (nk * pl.nchunks[static_cast<size_t>(b)] + c) * R * (dvp + 2);
+    float* part = parts + pl.part_start[static_cast<size_t>(b)] + (nk * pl.nchunks[static_cast<size_t>(b)] + c) * R * (dvp + 2);
     if (sp.kv_len == 0) {  // nothing to read: an empty partial
       for (int64_t r = 0; r < R; ++r) part[r * (dvp + 2)] = -INFINITY;
       return;
@@ -513,13 +518,14 @@ void flash_decode(const AttnProblem& p) {
   });
 
   const auto merge_fn = isa_entry<MergeItem, const AttnProblem*, const Plan*, int64_t, int64_t, const float*, float*>(p.dtype);
-  std::vector<std::vector<float>> obuf(static_cast<size_t>(nthreads), std::vector<float>(static_cast<size_t>(dvp)));
-  parallel_for(p.B * p.Nkv, nthreads, [&](int64_t it, int tid) {
+  parallel_for(p.B * p.Nkv, nthreads, [&](int64_t it, int) {
     const int64_t b = it / p.Nkv, nk = it % p.Nkv;
     const SeqSpan& sp = p.seqs[static_cast<size_t>(b)];
     if (sp.q_len == 0) return;
-    const float* part = parts.data() + pl.part_start[static_cast<size_t>(b)] + nk * pl.nchunks[static_cast<size_t>(b)] * p.G * sp.q_len * (dvp + 2);
-    merge_fn(&p, &pl, b, nk, part, obuf[static_cast<size_t>(tid)].data());
+    const float* part = parts + pl.part_start[static_cast<size_t>(b)] + nk * pl.nchunks[static_cast<size_t>(b)] * p.G * sp.q_len * (dvp + 2);
+    static thread_local std::vector<float> obuf;
+    if (obuf.size() < static_cast<size_t>(dvp)) obuf.resize(static_cast<size_t>(dvp));
+    merge_fn(&p, &pl, b, nk, part, obuf.data());
   });
 }
 

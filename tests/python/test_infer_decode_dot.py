@@ -130,3 +130,29 @@ def test_int8_kv_one_visible_key_is_exact():
     assert torch.equal(out[0, :, 0], want.expand(Nq, D))
     # negative control: a different visible key gives a different row
     assert not torch.equal(want, ((v8[0, 0, 36].to(F64) + 2.0) * 0.125).to(BF16))
+
+
+def test_decode_buffers_kept_between_calls_carry_no_state():
+    """Decode keeps its partials and per-thread scratch from call to call: a call gives the same bits before
+    and after calls of other shapes (bigger and smaller groups, widths, batches; bf16 and int8 K/V)."""
+    def decode(B, Nq, Nkv, D, L, int8, seed):
+        g = torch.Generator().manual_seed(seed)
+        q = rnd((B, Nq, 1, D), BF16, seed)
+        kw = {}
+        if int8:
+            k = torch.randint(-128, 128, (B, Nkv, L, D), generator=g, dtype=torch.int8)
+            v = torch.randint(-128, 128, (B, Nkv, L, D), generator=g, dtype=torch.int8)
+            s = torch.rand(Nkv, 1, D, generator=g).to(BF16) * 0.1
+            kw = dict(key_antiquant_scale=s, value_antiquant_scale=s, key_antiquant_offset=s,
+                      value_antiquant_offset=s)
+        else:
+            k, v = rnd((B, Nkv, L, D), BF16, seed + 1), rnd((B, Nkv, L, D), BF16, seed + 2)
+        return npufa.npu_fused_infer_attention_score(q, k, v, num_heads=Nq, num_key_value_heads=Nkv,
+                                                     input_layout="BNSD", **kw)[0]
+
+    cases = [(2, 8, 2, 64, 300, True, 1), (1, 4, 1, 128, 70, False, 2), (4, 32, 2, 256, 1000, True, 3),
+             (1, 16, 16, 32, 5, False, 4), (3, 7, 1, 96, 129, True, 5)]
+    first = [decode(*c) for c in cases]
+    again = [decode(*c) for c in reversed(cases)][::-1]
+    for c, a, b in zip(cases, first, again):
+        assert torch.equal(a, b), c
