@@ -15,7 +15,7 @@ from torch import Tensor
 
 from . import _C
 from ._fusion_attention import _int_list
-from ._runtime import arr, sync_threads
+from ._runtime import arr, call, sync_threads
 
 _INT_MAX = 2147483647
 _PROMPT, _INCRE, _FUSED, _FUSED_V2 = 0, 1, 2, 3
@@ -100,8 +100,7 @@ def _fake(query, value, num_heads, num_key_value_heads, input_layout, block_tabl
 
 # ---- npu_prompt_flash_attention ---------------------------------------------------------------------------
 
-@torch.library.custom_op("npufa::npu_prompt_flash_attention", mutates_args=(), device_types="cpu")
-def _pfa_op(query: Tensor, key: Tensor, value: Tensor, padding_mask: Optional[Tensor], atten_mask: Optional[Tensor],
+def _pfa(query: Tensor, key: Tensor, value: Tensor, padding_mask: Optional[Tensor], atten_mask: Optional[Tensor],
             pse_shift: Optional[Tensor], actual_seq_lengths: Optional[List[int]], deq_scale1: Optional[Tensor],
             quant_scale1: Optional[Tensor], deq_scale2: Optional[Tensor], quant_scale2: Optional[Tensor],
             quant_offset2: Optional[Tensor], num_heads: int, scale_value: float, pre_tokens: int, next_tokens: int,
@@ -115,6 +114,9 @@ def _pfa_op(query: Tensor, key: Tensor, value: Tensor, padding_mask: Optional[Te
                 num_key_value_heads=num_key_value_heads, sparse_mode=sparse_mode)
     return _run(_PROMPT, "npu_prompt_flash_attention", args, False)[0]
 
+
+
+_pfa_op = torch.library.custom_op("npufa::npu_prompt_flash_attention", mutates_args=(), device_types="cpu")(_pfa)
 
 @_pfa_op.register_fake
 def _(query, key, value, padding_mask, atten_mask, pse_shift, actual_seq_lengths, deq_scale1, quant_scale1, deq_scale2,
@@ -133,7 +135,7 @@ def npu_prompt_flash_attention(query: Tensor, key: Tensor, value: Tensor, *, pad
                                actual_seq_lengths_kv=None, sparse_mode: int = 0) -> Tensor:
     """torch_npu.npu_prompt_flash_attention (spec §5): prefill attention. Note next_tokens defaults to 0."""
     op = "npu_prompt_flash_attention"
-    return _pfa_op(query, key, value, padding_mask, atten_mask, pse_shift,
+    return call(_pfa_op, _pfa, query, key, value, padding_mask, atten_mask, pse_shift,
                    _int_list(actual_seq_lengths, f"{op}: actual_seq_lengths"), deq_scale1, quant_scale1, deq_scale2,
                    quant_scale2, quant_offset2, int(num_heads), float(scale_value), int(pre_tokens), int(next_tokens),
                    _str(op, "input_layout", input_layout), int(num_key_value_heads),
@@ -142,8 +144,7 @@ def npu_prompt_flash_attention(query: Tensor, key: Tensor, value: Tensor, *, pad
 
 # ---- npu_incre_flash_attention ----------------------------------------------------------------------------
 
-@torch.library.custom_op("npufa::npu_incre_flash_attention", mutates_args=(), device_types="cpu")
-def _ifa_op(query: Tensor, key: Tensor, value: Tensor, padding_mask: Optional[Tensor], atten_mask: Optional[Tensor],
+def _ifa(query: Tensor, key: Tensor, value: Tensor, padding_mask: Optional[Tensor], atten_mask: Optional[Tensor],
             pse_shift: Optional[Tensor], actual_seq_lengths: Optional[List[int]], antiquant_scale: Optional[Tensor],
             antiquant_offset: Optional[Tensor], block_table: Optional[Tensor], dequant_scale1: Optional[Tensor],
             quant_scale1: Optional[Tensor], dequant_scale2: Optional[Tensor], quant_scale2: Optional[Tensor],
@@ -158,6 +159,9 @@ def _ifa_op(query: Tensor, key: Tensor, value: Tensor, padding_mask: Optional[Te
                 block_size=block_size, inner_precise=inner_precise)
     return _run(_INCRE, "npu_incre_flash_attention", args, False)[0]
 
+
+
+_ifa_op = torch.library.custom_op("npufa::npu_incre_flash_attention", mutates_args=(), device_types="cpu")(_ifa)
 
 @_ifa_op.register_fake
 def _(query, key, value, padding_mask, atten_mask, pse_shift, actual_seq_lengths, antiquant_scale, antiquant_offset,
@@ -177,7 +181,7 @@ def npu_incre_flash_attention(query: Tensor, key: Tensor, value: Tensor, *, padd
                               num_key_value_heads: int = 0, block_size: int = 0, inner_precise: int = 1) -> Tensor:
     """torch_npu.npu_incre_flash_attention (spec §6): decode attention (query S = 1), paged KV, left padding."""
     op = "npu_incre_flash_attention"
-    return _ifa_op(query, key, value, padding_mask, atten_mask, pse_shift,
+    return call(_ifa_op, _ifa, query, key, value, padding_mask, atten_mask, pse_shift,
                    _int_list(actual_seq_lengths, f"{op}: actual_seq_lengths"), antiquant_scale, antiquant_offset,
                    block_table, dequant_scale1, quant_scale1, dequant_scale2, quant_scale2, quant_offset2,
                    kv_padding_size, int(num_heads), float(scale_value), _str(op, "input_layout", input_layout),
@@ -186,8 +190,7 @@ def npu_incre_flash_attention(query: Tensor, key: Tensor, value: Tensor, *, padd
 
 # ---- npu_fused_infer_attention_score (v1) -----------------------------------------------------------------
 
-@torch.library.custom_op("npufa::npu_fused_infer_attention_score", mutates_args=(), device_types="cpu")
-def _fia_op(query: Tensor, key: Tensor, value: Tensor, pse_shift: Optional[Tensor], atten_mask: Optional[Tensor],
+def _fia(query: Tensor, key: Tensor, value: Tensor, pse_shift: Optional[Tensor], atten_mask: Optional[Tensor],
             actual_seq_lengths: Optional[List[int]], actual_seq_lengths_kv: Optional[List[int]],
             dequant_scale1: Optional[Tensor], quant_scale1: Optional[Tensor], dequant_scale2: Optional[Tensor],
             quant_scale2: Optional[Tensor], quant_offset2: Optional[Tensor], antiquant_scale: Optional[Tensor],
@@ -218,6 +221,9 @@ def _fia_op(query: Tensor, key: Tensor, value: Tensor, pse_shift: Optional[Tenso
                 value_antiquant_mode=value_antiquant_mode)
     return _run(_FUSED, "npu_fused_infer_attention_score", args, softmax_lse_flag)
 
+
+
+_fia_op = torch.library.custom_op("npufa::npu_fused_infer_attention_score", mutates_args=(), device_types="cpu")(_fia)
 
 @_fia_op.register_fake
 def _(query, key, value, pse_shift, atten_mask, actual_seq_lengths, actual_seq_lengths_kv, dequant_scale1,
@@ -251,7 +257,7 @@ def npu_fused_infer_attention_score(
     """torch_npu.npu_fused_infer_attention_score (spec §7): prefill (query S > 1) or decode (S = 1);
     returns (attention_out, softmax_lse)."""
     op = "npu_fused_infer_attention_score"
-    return _fia_op(query, key, value, pse_shift, atten_mask, _int_list(actual_seq_lengths, f"{op}: actual_seq_lengths"),
+    return call(_fia_op, _fia, query, key, value, pse_shift, atten_mask, _int_list(actual_seq_lengths, f"{op}: actual_seq_lengths"),
                    _int_list(actual_seq_lengths_kv, f"{op}: actual_seq_lengths_kv"), dequant_scale1, quant_scale1, dequant_scale2, quant_scale2,
                    quant_offset2, antiquant_scale, antiquant_offset, key_antiquant_scale, key_antiquant_offset,
                    value_antiquant_scale, value_antiquant_offset, block_table, query_padding_size, kv_padding_size,
@@ -265,8 +271,7 @@ def npu_fused_infer_attention_score(
 
 # ---- npu_fused_infer_attention_score_v2 -------------------------------------------------------------------
 
-@torch.library.custom_op("npufa::npu_fused_infer_attention_score_v2", mutates_args=(), device_types="cpu")
-def _fia2_op(query: Tensor, key: Tensor, value: Tensor, query_rope: Optional[Tensor], key_rope: Optional[Tensor],
+def _fia2(query: Tensor, key: Tensor, value: Tensor, query_rope: Optional[Tensor], key_rope: Optional[Tensor],
              pse_shift: Optional[Tensor], atten_mask: Optional[Tensor], actual_seq_qlen: Optional[List[int]],
              actual_seq_kvlen: Optional[List[int]], block_table: Optional[Tensor],
              dequant_scale_query: Optional[Tensor], dequant_scale_key: Optional[Tensor],
@@ -290,6 +295,9 @@ def _fia2_op(query: Tensor, key: Tensor, value: Tensor, query_rope: Optional[Ten
                 inner_precise=inner_precise)
     return _run(_FUSED_V2, "npu_fused_infer_attention_score_v2", args, return_softmax_lse)
 
+
+
+_fia2_op = torch.library.custom_op("npufa::npu_fused_infer_attention_score_v2", mutates_args=(), device_types="cpu")(_fia2)
 
 @_fia2_op.register_fake
 def _(query, key, value, query_rope, key_rope, pse_shift, atten_mask, actual_seq_qlen, actual_seq_kvlen,
@@ -324,7 +332,7 @@ def npu_fused_infer_attention_score_v2(
     if quant_scale_out is not None and out_dtype is not None and out_dtype not in (torch.int8, 1):
         raise ValueError(f"{op}: out_dtype with quant_scale_out must be int8 (other quantised outputs are not "
                          f"supported by npufa), got {out_dtype!r}")
-    return _fia2_op(query, key, value, query_rope, key_rope, pse_shift, atten_mask,
+    return call(_fia2_op, _fia2, query, key, value, query_rope, key_rope, pse_shift, atten_mask,
                     _int_list(actual_seq_qlen, f"{op}: actual_seq_qlen"),
                     _int_list(actual_seq_kvlen, f"{op}: actual_seq_kvlen"), block_table, dequant_scale_query, dequant_scale_key,
                     dequant_offset_key, dequant_scale_value, dequant_offset_value, dequant_scale_key_rope,
@@ -337,11 +345,13 @@ def npu_fused_infer_attention_score_v2(
 
 # ---- _npu_reshape_and_cache -------------------------------------------------------------------------------
 
-@torch.library.custom_op("npufa::_npu_reshape_and_cache", mutates_args=("key_cache", "value_cache"),
-                         device_types="cpu")
-def _reshape_and_cache_op(key: Tensor, value: Tensor, key_cache: Tensor, value_cache: Tensor,
+def _reshape_and_cache(key: Tensor, value: Tensor, key_cache: Tensor, value_cache: Tensor,
                           slot_indices: Tensor) -> None:
     _C.reshape_and_cache(arr(key), arr(value), key_cache, value_cache, arr(slot_indices))
+
+
+_reshape_and_cache_op = torch.library.custom_op("npufa::_npu_reshape_and_cache", mutates_args=("key_cache", "value_cache"),
+                                                device_types="cpu")(_reshape_and_cache)
 
 
 @_reshape_and_cache_op.register_fake
@@ -353,7 +363,7 @@ def _npu_reshape_and_cache(key: Tensor, value: Tensor, key_cache: Tensor, value_
                            slot_indices: Tensor) -> None:
     """torch_npu._npu_reshape_and_cache: write rows key [T, N, D] / value [T, N, Dv] into the paged caches
     (blocknum, block_size, N, D) at slot_indices (block * block_size + offset; negative slots skipped)."""
-    _reshape_and_cache_op(key, value, key_cache, value_cache, slot_indices)
+    call(_reshape_and_cache_op, _reshape_and_cache, key, value, key_cache, value_cache, slot_indices)
 
 
 # ---- npu_trans_quant_param --------------------------------------------------------------------------------

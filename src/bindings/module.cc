@@ -45,6 +45,60 @@ std::optional<npufa::TensorView> view(const OptArray& a) {
   return view(*a);
 }
 
+// DLPack's C exchange table (dlpack.h 1.3, `__dlpack_c_exchange_api__` on the tensor type; torch
+// >= 2.9): a tensor's DLTensor in one C call. `__dlpack__` is a Python method, about 2 us a tensor
+// warm and several times that after a decode step has swept the caches; an inference call hands over
+// up to a dozen tensors.
+struct DLPackExchangeAPI {
+  struct { uint32_t major, minor; } version;
+  void* prev_api;
+  void* managed_tensor_allocator;
+  void* managed_tensor_from_py_object_no_sync;
+  void* managed_tensor_to_py_object_no_sync;
+  int (*dltensor_from_py_object_no_sync)(void* py_object, nb::dlpack::dltensor* out);
+  void* current_work_stream;
+};
+
+// The table of type tp, or null (no table, another major version, no DLTensor entry). One type cached:
+// a process hands over one tensor type.
+const DLPackExchangeAPI* exchange_api(PyTypeObject* tp) {
+  static PyTypeObject* cached_type = nullptr;
+  static const DLPackExchangeAPI* cached = nullptr;
+  if (tp == cached_type) return cached;
+  const DLPackExchangeAPI* api = nullptr;
+  if (PyObject* cap = PyObject_GetAttrString(reinterpret_cast<PyObject*>(tp), "__dlpack_c_exchange_api__")) {
+    if (PyCapsule_IsValid(cap, "dlpack_exchange_api")) {
+      api = static_cast<const DLPackExchangeAPI*>(PyCapsule_GetPointer(cap, "dlpack_exchange_api"));
+      if (api && (api->version.major != 1 || !api->dltensor_from_py_object_no_sync)) api = nullptr;
+    }
+    Py_DECREF(cap);
+  }
+  PyErr_Clear();
+  cached_type = tp;
+  cached = api;
+  return api;
+}
+
+// A tensor argument as the core sees it: through the exchange table when its type has one, else
+// through nanobind's ndarray (any DLPack producer). The view is valid while the object lives.
+npufa::TensorView view(nb::handle h) {
+  if (const DLPackExchangeAPI* api = exchange_api(Py_TYPE(h.ptr()))) {
+    nb::dlpack::dltensor t;
+    if (api->dltensor_from_py_object_no_sync(h.ptr(), &t) != 0) throw nb::python_error();
+    if (t.device.device_type != static_cast<int32_t>(nb::device::cpu::value))
+      throw npufa::TypeError("npufa: tensors must be on the CPU (DLPack device type " +
+                             std::to_string(t.device.device_type) + ")");
+    std::vector<int64_t> shape(t.shape, t.shape + t.ndim), strides(static_cast<size_t>(t.ndim));
+    for (int32_t i = t.ndim - 1, st = 1; i >= 0; --i) {  // no strides: compact row-major
+      strides[static_cast<size_t>(i)] = t.strides ? t.strides[i] : st;
+      st *= static_cast<int32_t>(t.shape[i]);
+    }
+    return npufa::TensorView(static_cast<char*>(t.data) + t.byte_offset, to_dtype(t.dtype), std::move(shape),
+                             std::move(strides));
+  }
+  return view(nb::cast<Array>(h));
+}
+
 template <class T>
 T item(const nb::tuple& t, size_t i) {
   return nb::cast<T>(t[i]);
@@ -98,7 +152,7 @@ npufa::InferAttentionParams infer_params(int kind, const nb::dict& a, std::strin
   op = nb::cast<std::string>(a["op"]);
   p.op = op.c_str();
   auto arr = [&](const char* k, std::optional<npufa::TensorView>& dst) {
-    if (a.contains(k) && !a[k].is_none()) dst = view(nb::cast<Array>(a[k]));
+    if (a.contains(k) && !a[k].is_none()) dst = view(nb::handle(a[k]));
   };
   auto lst = [&](const char* k, std::optional<std::vector<int64_t>>& dst) {
     if (a.contains(k) && !a[k].is_none()) dst = nb::cast<std::vector<int64_t>>(a[k]);
@@ -106,9 +160,9 @@ npufa::InferAttentionParams infer_params(int kind, const nb::dict& a, std::strin
   auto i64 = [&](const char* k, int64_t& dst) {
     if (a.contains(k)) dst = nb::cast<int64_t>(a[k]);
   };
-  p.query = view(nb::cast<Array>(a["query"]));
-  p.key = view(nb::cast<Array>(a["key"]));
-  p.value = view(nb::cast<Array>(a["value"]));
+  p.query = view(nb::handle(a["query"]));
+  p.key = view(nb::handle(a["key"]));
+  p.value = view(nb::handle(a["value"]));
   arr("pse_shift", p.pse_shift);
   arr("atten_mask", p.atten_mask);
   lst("actual_seq_lengths", p.actual_seq_lengths);
@@ -237,15 +291,15 @@ NB_MODULE(_C, m) {
 
   m.def(
       "infer_attention",
-      [](int kind, const nb::dict& args, OptArray out, OptArray lse) -> nb::object {
+      [](int kind, const nb::dict& args, nb::handle out, nb::handle lse) -> nb::object {
         std::string op;
         npufa::InferAttentionParams p = infer_params(kind, args, op);
-        if (!out) {  // validation only: the output shapes
+        if (out.is_none()) {  // validation only: the output shapes
           const auto s = npufa::infer_attention_output_shapes(p);
           return nb::cast(std::make_tuple(s.attention_out, s.softmax_lse, std::string(npufa::dtype_name(s.attention_out_dtype))));
         }
-        p.attention_out = view(*out);
-        if (lse) p.softmax_lse = view(*lse);
+        p.attention_out = view(out);
+        if (!lse.is_none()) p.softmax_lse = view(lse);
         nb::gil_scoped_release release;
         npufa::infer_attention(p);
         return nb::none();

@@ -9,6 +9,7 @@ import re
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import npufa
 from infer_helpers import (BF16, F16, F32, FLT_MAX, INT_MAX, TRIU2048, agree, cum, from_bnsd, make_paged, pack,
@@ -171,6 +172,93 @@ def test_op_names_and_schemas():
     sc = str(op_of("_npu_reshape_and_cache")._schema)
     assert re.search(r"Tensor\(a\d*!\) key_cache", sc) and re.search(r"Tensor\(a\d*!\) value_cache", sc), sc
 
+
+# ------------------------------------------------------------------------------------------------
+# the eager fast path: the public functions call the CPU implementation directly when the dispatcher
+# would do nothing else, and the op otherwise
+# ------------------------------------------------------------------------------------------------
+class _Recorder(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def _forbid_op(monkeypatch, name):
+    """Replaces the custom op object the public function `name` falls back to by one that fails."""
+    attr = {"npu_prompt_flash_attention": "_pfa_op", "npu_incre_flash_attention": "_ifa_op",
+            "npu_fused_infer_attention_score": "_fia_op", "npu_fused_infer_attention_score_v2": "_fia2_op",
+            "_npu_reshape_and_cache": "_reshape_and_cache_op"}[name]
+
+    def fail(*a):
+        raise AssertionError(f"{name} went through the dispatcher")
+    monkeypatch.setattr(npufa._infer_attention, attr, fail)
+
+
+@pytest.mark.parametrize("case", ["pfa_bnsd_mask", "ifa_paged_bf16", "fia_decode_paged_4d", "fia2_tnd_sink_lse"])
+def test_plain_eager_call_skips_the_dispatcher(case, monkeypatch):
+    name, kw = CASES[case]
+    want = getattr(npufa, name)(**kw)
+    _forbid_op(monkeypatch, name)
+    got = getattr(npufa, name)(**kw)
+    with torch.inference_mode():
+        got2 = getattr(npufa, name)(**kw)
+    for a, b, c in zip(*(x if isinstance(x, tuple) else (x,) for x in (want, got, got2))):
+        assert torch.equal(a, b) and torch.equal(a, c)
+
+
+@pytest.mark.parametrize("case", ["pfa_bnsd_mask", "ifa_paged_bf16", "fia_decode_paged_4d", "fia2_tnd_sink_lse"])
+def test_modes_profiler_and_grad_see_the_op(case):
+    """Whatever would observe the call (a dispatch mode, the profiler, autograd) gets the custom op."""
+    name, kw = CASES[case]
+    fn = getattr(npufa, name)
+    want = fn(**kw)
+    want = want if isinstance(want, tuple) else (want,)
+    with _Recorder() as rec:
+        got = fn(**kw)
+    assert f"npufa.{name}.default" in rec.ops, rec.ops
+    got = got if isinstance(got, tuple) else (got,)
+    assert all(torch.equal(a, b) for a, b in zip(want, got))
+    with torch.profiler.profile() as prof:
+        fn(**kw)
+    assert any(e.name == f"npufa::{name}" for e in prof.events()), sorted({e.name for e in prof.events()})
+    q = kw["query"].clone().requires_grad_(True)
+    out = fn(**{**kw, "query": q})
+    out = out[0] if isinstance(out, tuple) else out
+    raw = op_of(name)(*op_args(name, **{**kw, "query": q}))
+    raw = raw[0] if isinstance(raw, tuple) else raw
+    assert out.requires_grad == raw.requires_grad and type(out.grad_fn) is type(raw.grad_fn)
+
+
+def test_reshape_and_cache_plain_eager_skips_the_dispatcher(monkeypatch):
+    T, N, D, bs, nb = 5, 2, 8, 4, 3
+    k, v = rnd((T, N, D), seed=24), rnd((T, N, D), seed=25)
+    slots = torch.tensor([0, 5, -1, 11, 2], dtype=torch.int32)
+    kc, vc = torch.zeros(nb, bs, N, D), torch.zeros(nb, bs, N, D)
+    torch.ops.npufa._npu_reshape_and_cache.default(k, v, kc, vc, slots)
+    _forbid_op(monkeypatch, "_npu_reshape_and_cache")
+    kc2, vc2 = torch.zeros(nb, bs, N, D), torch.zeros(nb, bs, N, D)
+    npufa._npu_reshape_and_cache(k, v, kc2, vc2, slots)
+    assert torch.equal(kc, kc2) and torch.equal(vc, vc2) and kc.abs().sum() > 0
+
+
+def test_views_with_offsets_and_strides_are_read_in_place():
+    """Tensors reach the core through DLPack's C exchange table: storage offsets and strides must be
+    honoured, as they are through __dlpack__."""
+    B, Nq, Nkv, S, D = 2, 4, 2, 24, 16
+    big = rnd((B, Nq + 1, 3, D + 5), seed=26)
+    q = big[:, 1:, 1:2, 3:3 + D]  # offset and strided in every dimension
+    kb, vb = rnd((B, S + 2, Nkv, D), seed=27), rnd((B, S + 2, Nkv, D), seed=28)
+    k, v = kb[:, 2:].transpose(1, 2), vb[:, 2:].transpose(1, 2)  # BNSD views of BSND storage
+    assert not q.is_contiguous() and not k.is_contiguous() and q.storage_offset() > 0
+    kw = dict(num_heads=Nq, num_key_value_heads=Nkv, input_layout="BNSD", softmax_lse_flag=True)
+    got = npufa.npu_fused_infer_attention_score(q, k, v, **kw)
+    want = npufa.npu_fused_infer_attention_score(q.contiguous(), k.contiguous(), v.contiguous(), **kw)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert got[0].abs().sum() > 0
 
 # ------------------------------------------------------------------------------------------------
 # the mutating cache write
