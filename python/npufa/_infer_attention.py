@@ -67,9 +67,11 @@ def _str(op: str, name: str, x) -> str:
 
 def _run(kind: int, op: str, args: dict, lse_flag: bool) -> Tuple[Tensor, Tensor]:
     query = args["query"]
-    core = {k: (arr(v) if isinstance(v, Tensor) else v) for k, v in args.items()}
-    core["op"] = op
-    core["softmax_lse_flag"] = lse_flag
+    for k, v in args.items():  # args is the op's own dict: detach in place (DLPack refuses autograd history)
+        if isinstance(v, Tensor) and v.requires_grad:
+            args[k] = v.detach()
+    args["op"] = op
+    args["softmax_lse_flag"] = lse_flag
     # The outputs are allocated by the fake's shape rule and the core checks them while it validates
     # every rule, in the one call that also runs the kernel.
     out_shape, lse_shape = infer_output_shapes(query, args["value"], args["num_heads"], args["num_key_value_heads"],
@@ -77,10 +79,10 @@ def _run(kind: int, op: str, args: dict, lse_flag: bool) -> Tuple[Tensor, Tensor
     out = query.new_empty(out_shape, dtype=infer_output_dtype(query, args.get("quant_scale2")))
     lse = query.new_empty(lse_shape, dtype=torch.float32)
     if query.numel() == 0 or out.numel() == 0:
-        _C.infer_attention(kind, core)  # validation only
+        _C.infer_attention(kind, args)  # validation only
         return out.zero_(), lse.fill_(-3.4028234663852886e38)
     sync_threads()
-    _C.infer_attention(kind, core, out, lse)
+    _C.infer_attention(kind, args, out, lse)
     return out, lse
 
 
