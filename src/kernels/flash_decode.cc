@@ -274,9 +274,11 @@ struct TileRows {
     j0 = tile;
     kv_rows<KT>(p.k, b, nk, off, n, k);
     kv_rows<KT>(p.v, b, nk, off, n, v);
-    if (p.Dr) kv_rows<RT>(p.kr, b, nk, off, n, kr);
     for (int64_t c = n; c < kBk; ++c) k[c] = v[c] = zk;
-    for (int64_t c = p.Dr ? n : 0; c < kBk; ++c) kr[c] = zr;
+    if (p.Dr) {  // kr is only read with a rope part
+      kv_rows<RT>(p.kr, b, nk, off, n, kr);
+      for (int64_t c = n; c < kBk; ++c) kr[c] = zr;
+    }
   }
 };
 
