@@ -27,12 +27,14 @@ def sync_threads() -> None:
 
 def _plain_eager(args) -> bool:
     """True when torch's dispatcher would do no more than run the op's CPU implementation on args:
-    plain CPU tensors that need no autograd, and no mode, transform, tracer, compiler or profiler that
-    would see the call."""
+    plain CPU tensors that need no autograd, no argument with __torch_function__, and no mode,
+    transform, tracer, compiler or profiler that would see the call."""
     if (torch.compiler.is_compiling()  # first: Dynamo cannot trace the checks below
             or torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled()
             or torch._C._get_tracing_state() is not None
             or torch._C._functorch.peek_interpreter_stack() is not None or torch.autograd._profiler_enabled()):
+        return False
+    if torch._C._has_torch_function(args):  # torch.fx proxies, tensor subclasses with __torch_function__
         return False
     grad = torch.is_grad_enabled()
     for a in args:

@@ -233,6 +233,20 @@ def test_modes_profiler_and_grad_see_the_op(case):
     assert out.requires_grad == raw.requires_grad and type(out.grad_fn) is type(raw.grad_fn)
 
 
+def test_fx_symbolic_trace_records_the_op():
+    """torch.fx proxies are not tensors but carry __torch_function__: they must reach the op."""
+    import torch.fx
+    name, kw = CASES["ifa_paged_bf16"]
+    tensors = {k: v for k, v in kw.items() if isinstance(v, torch.Tensor)}
+    rest = {k: v for k, v in kw.items() if k not in tensors}
+
+    def f(query, key, value, block_table):
+        return npufa.npu_incre_flash_attention(query, key, value, block_table=block_table, **rest)
+    gm = torch.fx.symbolic_trace(f)
+    assert any(n.target == op_of(name) for n in gm.graph.nodes), gm.graph
+    assert torch.equal(gm(**tensors), f(**tensors))
+
+
 def test_reshape_and_cache_plain_eager_skips_the_dispatcher(monkeypatch):
     T, N, D, bs, nb = 5, 2, 8, 4, 3
     k, v = rnd((T, N, D), seed=24), rnd((T, N, D), seed=25)
