@@ -38,7 +38,10 @@ def _plain_eager(args) -> bool:
         return False
     grad = torch.is_grad_enabled()
     for a in args:
-        if isinstance(a, torch.Tensor) and (type(a) is not torch.Tensor or not a.is_cpu or (grad and a.requires_grad)):
+        # Negative and zero-tensor views are dense CPU tensors too, but the dispatcher materialises them
+        # first (a negative view reads its storage negated; a zero tensor has no storage).
+        if isinstance(a, torch.Tensor) and (type(a) is not torch.Tensor or not a.is_cpu or (grad and a.requires_grad)
+                                            or a.is_neg() or a._is_zerotensor()):
             return False
     return True
 

@@ -1,4 +1,6 @@
 // npufa._C: ndarrays (any DLPack producer) -> TensorView, C++ errors -> Python errors. No logic.
+#include <algorithm>
+
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
 #include <nanobind/stl/optional.h>
@@ -79,16 +81,22 @@ const DLPackExchangeAPI* exchange_api(PyTypeObject* tp) {
   return api;
 }
 
-// A tensor argument as the core sees it: through the exchange table when its type has one, else
-// through nanobind's ndarray (any DLPack producer). The view is valid while the object lives.
-npufa::TensorView view(nb::handle h) {
+// Tensor argument `name` of op `op` as the core sees it: through the exchange table when its type has
+// one, else through nanobind's ndarray (any DLPack producer). The view is valid while the object lives.
+npufa::TensorView view(nb::handle h, const char* name, const std::string& op) {
   if (const DLPackExchangeAPI* api = exchange_api(Py_TYPE(h.ptr()))) {
     nb::dlpack::dltensor t;
-    if (api->dltensor_from_py_object_no_sync(h.ptr(), &t) != 0) throw nb::python_error();
+    if (api->dltensor_from_py_object_no_sync(h.ptr(), &t) != 0) {  // sparse, quantised, no storage, ...
+      const nb::python_error e;
+      const std::string why = e.what();  // torch's message, without the C++ backtrace that follows it
+      throw npufa::TypeError(op + ": " + name + " must be a dense CPU tensor (" + why.substr(0, why.find('\n')) + ")");
+    }
     if (t.device.device_type != static_cast<int32_t>(nb::device::cpu::value))
-      throw npufa::TypeError("npufa: tensors must be on the CPU (DLPack device type " +
+      throw npufa::TypeError(op + ": " + name + " must be a CPU tensor (DLPack device type " +
                              std::to_string(t.device.device_type) + ")");
     std::vector<int64_t> shape(t.shape, t.shape + t.ndim), strides(static_cast<size_t>(t.ndim));
+    if (!t.data && std::all_of(shape.begin(), shape.end(), [](int64_t n) { return n > 0; }))
+      throw npufa::TypeError(op + ": " + name + " has elements but no storage (a zero tensor?)");
     for (int32_t i = t.ndim - 1, st = 1; i >= 0; --i) {  // no strides: compact row-major
       strides[static_cast<size_t>(i)] = t.strides ? t.strides[i] : st;
       st *= static_cast<int32_t>(t.shape[i]);
@@ -152,7 +160,7 @@ npufa::InferAttentionParams infer_params(int kind, const nb::dict& a, std::strin
   op = nb::cast<std::string>(a["op"]);
   p.op = op.c_str();
   auto arr = [&](const char* k, std::optional<npufa::TensorView>& dst) {
-    if (a.contains(k) && !a[k].is_none()) dst = view(nb::handle(a[k]));
+    if (a.contains(k) && !a[k].is_none()) dst = view(nb::handle(a[k]), k, op);
   };
   auto lst = [&](const char* k, std::optional<std::vector<int64_t>>& dst) {
     if (a.contains(k) && !a[k].is_none()) dst = nb::cast<std::vector<int64_t>>(a[k]);
@@ -160,9 +168,9 @@ npufa::InferAttentionParams infer_params(int kind, const nb::dict& a, std::strin
   auto i64 = [&](const char* k, int64_t& dst) {
     if (a.contains(k)) dst = nb::cast<int64_t>(a[k]);
   };
-  p.query = view(nb::handle(a["query"]));
-  p.key = view(nb::handle(a["key"]));
-  p.value = view(nb::handle(a["value"]));
+  p.query = view(nb::handle(a["query"]), "query", op);
+  p.key = view(nb::handle(a["key"]), "key", op);
+  p.value = view(nb::handle(a["value"]), "value", op);
   arr("pse_shift", p.pse_shift);
   arr("atten_mask", p.atten_mask);
   lst("actual_seq_lengths", p.actual_seq_lengths);
@@ -298,8 +306,8 @@ NB_MODULE(_C, m) {
           const auto s = npufa::infer_attention_output_shapes(p);
           return nb::cast(std::make_tuple(s.attention_out, s.softmax_lse, std::string(npufa::dtype_name(s.attention_out_dtype))));
         }
-        p.attention_out = view(out);
-        if (!lse.is_none()) p.softmax_lse = view(lse);
+        p.attention_out = view(out, "attention_out", op);
+        if (!lse.is_none()) p.softmax_lse = view(lse, "softmax_lse", op);
         nb::gil_scoped_release release;
         npufa::infer_attention(p);
         return nb::none();

@@ -233,6 +233,35 @@ def test_modes_profiler_and_grad_see_the_op(case):
     assert out.requires_grad == raw.requires_grad and type(out.grad_fn) is type(raw.grad_fn)
 
 
+def test_negative_views_are_resolved():
+    """A negative view (torch._neg_view) reads its storage negated: the dispatcher materialises it before
+    the kernel, so such a tensor must not take the direct path."""
+    name, kw = CASES["fia_decode_paged_4d"]
+    q = kw["query"]
+    want = npufa.npu_fused_infer_attention_score(**{**kw, "query": -q})
+    got = npufa.npu_fused_infer_attention_score(**{**kw, "query": torch._neg_view(q)})
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_zero_tensor_views_are_resolved():
+    """A zero tensor (torch._efficientzerotensor) has no storage: it must read as zeros."""
+    name, kw = CASES["fia_decode_paged_4d"]
+    q = kw["query"]
+    want = npufa.npu_fused_infer_attention_score(**{**kw, "query": torch.zeros_like(q)})
+    got = npufa.npu_fused_infer_attention_score(**{**kw, "query": torch._efficientzerotensor(q.shape)})
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+@pytest.mark.parametrize("arg", ["key", "value"])
+@pytest.mark.parametrize("form", ["sparse", "quantised"])
+def test_tensors_without_dense_storage_are_refused(arg, form):
+    name, kw = CASES["ifa_kvpad"]
+    t = kw[arg]
+    bad = t.to_sparse() if form == "sparse" else torch.quantize_per_tensor(t, 0.1, 0, torch.qint8)
+    with pytest.raises((TypeError, NotImplementedError), match=rf"{name}|{arg}"):
+        npufa.npu_incre_flash_attention(**{**kw, arg: bad})
+
+
 def test_fx_symbolic_trace_records_the_op():
     """torch.fx proxies are not tensors but carry __torch_function__: they must reach the op."""
     import torch.fx
