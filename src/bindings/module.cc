@@ -1,5 +1,9 @@
 // npufa._C: ndarrays (any DLPack producer) -> TensorView, C++ errors -> Python errors. No logic.
 #include <algorithm>
+#include <string_view>
+#include <type_traits>
+#include <unordered_map>
+#include <variant>
 
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
@@ -153,63 +157,63 @@ npufa::FusionAttentionParams fwd_params(const nb::tuple& a, std::string& op) {
 }
 
 // The inference ops' arguments by their FIA v1 names (the Python front maps PFA / IFA / v2 names),
-// from a dict; absent keys keep the C++ defaults. The op name is kept alive in `op`.
+// from a dict; absent keys keep the C++ defaults. The op name is kept alive in `op`. One pass over
+// the dict's items: looking each name up would build and hash a Python string per name, twice.
 npufa::InferAttentionParams infer_params(int kind, const nb::dict& a, std::string& op) {
-  npufa::InferAttentionParams p;
+  using P = npufa::InferAttentionParams;
+  using Field = std::variant<npufa::TensorView P::*, std::optional<npufa::TensorView> P::*,
+                             std::optional<std::vector<int64_t>> P::*, int64_t P::*, double P::*, bool P::*,
+                             std::string P::*>;
+  static const std::unordered_map<std::string_view, Field> fields = {
+      {"query", &P::query}, {"key", &P::key}, {"value", &P::value},
+      {"pse_shift", &P::pse_shift}, {"atten_mask", &P::atten_mask},
+      {"actual_seq_lengths", &P::actual_seq_lengths}, {"actual_seq_lengths_kv", &P::actual_seq_lengths_kv},
+      {"block_table", &P::block_table}, {"query_padding_size", &P::query_padding_size},
+      {"kv_padding_size", &P::kv_padding_size}, {"key_shared_prefix", &P::key_shared_prefix},
+      {"value_shared_prefix", &P::value_shared_prefix}, {"actual_shared_prefix_len", &P::actual_shared_prefix_len},
+      {"query_rope", &P::query_rope}, {"key_rope", &P::key_rope}, {"learnable_sink", &P::learnable_sink},
+      {"dequant_scale1", &P::dequant_scale1}, {"quant_scale1", &P::quant_scale1},
+      {"dequant_scale2", &P::dequant_scale2}, {"quant_scale2", &P::quant_scale2},
+      {"quant_offset2", &P::quant_offset2}, {"antiquant_scale", &P::antiquant_scale},
+      {"antiquant_offset", &P::antiquant_offset}, {"key_antiquant_scale", &P::key_antiquant_scale},
+      {"key_antiquant_offset", &P::key_antiquant_offset}, {"value_antiquant_scale", &P::value_antiquant_scale},
+      {"value_antiquant_offset", &P::value_antiquant_offset},
+      {"key_rope_antiquant_scale", &P::key_rope_antiquant_scale}, {"dequant_scale_query", &P::dequant_scale_query},
+      {"num_heads", &P::num_heads}, {"scale", &P::scale}, {"pre_tokens", &P::pre_tokens},
+      {"next_tokens", &P::next_tokens}, {"input_layout", &P::input_layout},
+      {"num_key_value_heads", &P::num_key_value_heads}, {"sparse_mode", &P::sparse_mode},
+      {"inner_precise", &P::inner_precise}, {"block_size", &P::block_size}, {"antiquant_mode", &P::antiquant_mode},
+      {"key_antiquant_mode", &P::key_antiquant_mode}, {"value_antiquant_mode", &P::value_antiquant_mode},
+      {"softmax_lse_flag", &P::softmax_lse_flag}};
+  P p;
   p.kind = static_cast<npufa::InferOp>(kind);
-  op = nb::cast<std::string>(a["op"]);
+  op = nb::cast<std::string>(a["op"]);  // first: tensor errors name the op
   p.op = op.c_str();
-  auto arr = [&](const char* k, std::optional<npufa::TensorView>& dst) {
-    if (a.contains(k) && !a[k].is_none()) dst = view(nb::handle(a[k]), k, op);
-  };
-  auto lst = [&](const char* k, std::optional<std::vector<int64_t>>& dst) {
-    if (a.contains(k) && !a[k].is_none()) dst = nb::cast<std::vector<int64_t>>(a[k]);
-  };
-  auto i64 = [&](const char* k, int64_t& dst) {
-    if (a.contains(k)) dst = nb::cast<int64_t>(a[k]);
-  };
-  p.query = view(nb::handle(a["query"]), "query", op);
-  p.key = view(nb::handle(a["key"]), "key", op);
-  p.value = view(nb::handle(a["value"]), "value", op);
-  arr("pse_shift", p.pse_shift);
-  arr("atten_mask", p.atten_mask);
-  lst("actual_seq_lengths", p.actual_seq_lengths);
-  lst("actual_seq_lengths_kv", p.actual_seq_lengths_kv);
-  arr("block_table", p.block_table);
-  arr("query_padding_size", p.query_padding_size);
-  arr("kv_padding_size", p.kv_padding_size);
-  arr("key_shared_prefix", p.key_shared_prefix);
-  arr("value_shared_prefix", p.value_shared_prefix);
-  lst("actual_shared_prefix_len", p.actual_shared_prefix_len);
-  arr("query_rope", p.query_rope);
-  arr("key_rope", p.key_rope);
-  arr("learnable_sink", p.learnable_sink);
-  arr("dequant_scale1", p.dequant_scale1);
-  arr("quant_scale1", p.quant_scale1);
-  arr("dequant_scale2", p.dequant_scale2);
-  arr("quant_scale2", p.quant_scale2);
-  arr("quant_offset2", p.quant_offset2);
-  arr("antiquant_scale", p.antiquant_scale);
-  arr("antiquant_offset", p.antiquant_offset);
-  arr("key_antiquant_scale", p.key_antiquant_scale);
-  arr("key_antiquant_offset", p.key_antiquant_offset);
-  arr("value_antiquant_scale", p.value_antiquant_scale);
-  arr("value_antiquant_offset", p.value_antiquant_offset);
-  arr("key_rope_antiquant_scale", p.key_rope_antiquant_scale);
-  arr("dequant_scale_query", p.dequant_scale_query);
-  i64("num_heads", p.num_heads);
-  if (a.contains("scale")) p.scale = nb::cast<double>(a["scale"]);
-  i64("pre_tokens", p.pre_tokens);
-  i64("next_tokens", p.next_tokens);
-  if (a.contains("input_layout")) p.input_layout = nb::cast<std::string>(a["input_layout"]);
-  i64("num_key_value_heads", p.num_key_value_heads);
-  i64("sparse_mode", p.sparse_mode);
-  i64("inner_precise", p.inner_precise);
-  i64("block_size", p.block_size);
-  i64("antiquant_mode", p.antiquant_mode);
-  i64("key_antiquant_mode", p.key_antiquant_mode);
-  i64("value_antiquant_mode", p.value_antiquant_mode);
-  if (a.contains("softmax_lse_flag")) p.softmax_lse_flag = nb::cast<bool>(a["softmax_lse_flag"]);
+  int required = 0;  // query, key, value
+  for (auto [k, v] : a) {
+    Py_ssize_t n = 0;
+    const char* s = PyUnicode_AsUTF8AndSize(k.ptr(), &n);
+    if (!s) throw nb::python_error();
+    const std::string_view name(s, static_cast<size_t>(n));
+    const auto it = fields.find(name);
+    if (it == fields.end()) continue;  // "op", and names other ops' fronts may add
+    std::visit(
+        [&](auto field) {
+          using T = std::remove_reference_t<decltype(p.*field)>;
+          if constexpr (std::is_same_v<T, npufa::TensorView>) {
+            p.*field = view(v, s, op);
+            ++required;
+          } else if constexpr (std::is_same_v<T, std::optional<npufa::TensorView>>) {
+            if (!v.is_none()) p.*field = view(v, s, op);
+          } else if constexpr (std::is_same_v<T, std::optional<std::vector<int64_t>>>) {
+            if (!v.is_none()) p.*field = nb::cast<std::vector<int64_t>>(v);
+          } else {
+            p.*field = nb::cast<T>(v);
+          }
+        },
+        it->second);
+  }
+  if (required != 3) throw npufa::ValueError(op + ": query, key and value are required");
   return p;
 }
 

@@ -262,6 +262,21 @@ def test_tensors_without_dense_storage_are_refused(arg, form):
         npufa.npu_incre_flash_attention(**{**kw, arg: bad})
 
 
+def test_core_entry_reads_every_argument_by_name():
+    """_C.infer_attention reads its dict in one pass: a missing query/key/value is an error naming the op,
+    and each argument lands in its own field (a wrong one would change the result)."""
+    from npufa import _C
+    q, k, v = rnd((1, 4, 1, 8), seed=29), rnd((1, 1, 16, 8), seed=30), rnd((1, 1, 16, 8), seed=31)
+    base = dict(query=q, key=k, value=v, num_heads=4, num_key_value_heads=1, input_layout="BNSD", op="npu_x")
+    with pytest.raises(ValueError, match="npu_x: query, key and value are required"):
+        _C.infer_attention(1, {a: b for a, b in base.items() if a != "key"}, torch.empty(1, 4, 1, 8), None)
+    out = torch.empty(1, 4, 1, 8)
+    _C.infer_attention(1, {**base, "scale": 0.5, "actual_seq_lengths_kv": [9], "unknown": 1}, out, None)
+    want = npufa.npu_incre_flash_attention(q, k, v, num_heads=4, num_key_value_heads=1, input_layout="BNSD",
+                                           scale_value=0.5, actual_seq_lengths=[9])
+    assert torch.equal(out, want)
+
+
 def test_fx_symbolic_trace_records_the_op():
     """torch.fx proxies are not tensors but carry __torch_function__: they must reach the op."""
     import torch.fx
