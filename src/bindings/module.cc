@@ -101,9 +101,10 @@ npufa::TensorView view(nb::handle h, const char* name, const std::string& op) {
     std::vector<int64_t> shape(t.shape, t.shape + t.ndim), strides(static_cast<size_t>(t.ndim));
     if (!t.data && std::all_of(shape.begin(), shape.end(), [](int64_t n) { return n > 0; }))
       throw npufa::TypeError(op + ": " + name + " has elements but no storage (a zero tensor?)");
-    for (int32_t i = t.ndim - 1, st = 1; i >= 0; --i) {  // no strides: compact row-major
+    int64_t st = 1;  // no strides: compact row-major
+    for (int32_t i = t.ndim - 1; i >= 0; --i) {
       strides[static_cast<size_t>(i)] = t.strides ? t.strides[i] : st;
-      st *= static_cast<int32_t>(t.shape[i]);
+      st *= t.shape[i];
     }
     return npufa::TensorView(static_cast<char*>(t.data) + t.byte_offset, to_dtype(t.dtype), std::move(shape),
                              std::move(strides));
