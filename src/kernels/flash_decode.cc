@@ -27,7 +27,7 @@ namespace {
 using namespace tile;
 
 constexpr int64_t kDotRows = 16;
-constexpr int64_t kTargetItems = 128;
+constexpr int64_t kTargetItems = 64;
 
 using Scratch = FwdScratch;
 
