@@ -103,11 +103,11 @@ def _fake(query, value, num_heads, num_key_value_heads, input_layout, block_tabl
 # ---- npu_prompt_flash_attention ---------------------------------------------------------------------------
 
 def _pfa(query: Tensor, key: Tensor, value: Tensor, padding_mask: Optional[Tensor], atten_mask: Optional[Tensor],
-            pse_shift: Optional[Tensor], actual_seq_lengths: Optional[List[int]], deq_scale1: Optional[Tensor],
-            quant_scale1: Optional[Tensor], deq_scale2: Optional[Tensor], quant_scale2: Optional[Tensor],
-            quant_offset2: Optional[Tensor], num_heads: int, scale_value: float, pre_tokens: int, next_tokens: int,
-            input_layout: str, num_key_value_heads: int, actual_seq_lengths_kv: Optional[List[int]],
-            sparse_mode: int) -> Tensor:
+         pse_shift: Optional[Tensor], actual_seq_lengths: Optional[List[int]], deq_scale1: Optional[Tensor],
+         quant_scale1: Optional[Tensor], deq_scale2: Optional[Tensor], quant_scale2: Optional[Tensor],
+         quant_offset2: Optional[Tensor], num_heads: int, scale_value: float, pre_tokens: int, next_tokens: int,
+         input_layout: str, num_key_value_heads: int, actual_seq_lengths_kv: Optional[List[int]],
+         sparse_mode: int) -> Tensor:
     args = dict(query=query, key=key, value=value, atten_mask=atten_mask, pse_shift=pse_shift,
                 actual_seq_lengths=actual_seq_lengths, actual_seq_lengths_kv=actual_seq_lengths_kv,
                 dequant_scale1=deq_scale1, quant_scale1=quant_scale1, dequant_scale2=deq_scale2,
@@ -117,8 +117,8 @@ def _pfa(query: Tensor, key: Tensor, value: Tensor, padding_mask: Optional[Tenso
     return _run(_PROMPT, "npu_prompt_flash_attention", args, False)[0]
 
 
-
 _pfa_op = torch.library.custom_op("npufa::npu_prompt_flash_attention", mutates_args=(), device_types="cpu")(_pfa)
+
 
 @_pfa_op.register_fake
 def _(query, key, value, padding_mask, atten_mask, pse_shift, actual_seq_lengths, deq_scale1, quant_scale1, deq_scale2,
@@ -147,11 +147,11 @@ def npu_prompt_flash_attention(query: Tensor, key: Tensor, value: Tensor, *, pad
 # ---- npu_incre_flash_attention ----------------------------------------------------------------------------
 
 def _ifa(query: Tensor, key: Tensor, value: Tensor, padding_mask: Optional[Tensor], atten_mask: Optional[Tensor],
-            pse_shift: Optional[Tensor], actual_seq_lengths: Optional[List[int]], antiquant_scale: Optional[Tensor],
-            antiquant_offset: Optional[Tensor], block_table: Optional[Tensor], dequant_scale1: Optional[Tensor],
-            quant_scale1: Optional[Tensor], dequant_scale2: Optional[Tensor], quant_scale2: Optional[Tensor],
-            quant_offset2: Optional[Tensor], kv_padding_size: Optional[Tensor], num_heads: int, scale_value: float,
-            input_layout: str, num_key_value_heads: int, block_size: int, inner_precise: int) -> Tensor:
+         pse_shift: Optional[Tensor], actual_seq_lengths: Optional[List[int]], antiquant_scale: Optional[Tensor],
+         antiquant_offset: Optional[Tensor], block_table: Optional[Tensor], dequant_scale1: Optional[Tensor],
+         quant_scale1: Optional[Tensor], dequant_scale2: Optional[Tensor], quant_scale2: Optional[Tensor],
+         quant_offset2: Optional[Tensor], kv_padding_size: Optional[Tensor], num_heads: int, scale_value: float,
+         input_layout: str, num_key_value_heads: int, block_size: int, inner_precise: int) -> Tensor:
     args = dict(query=query, key=key, value=value, atten_mask=atten_mask, pse_shift=pse_shift,
                 actual_seq_lengths_kv=actual_seq_lengths, antiquant_scale=antiquant_scale,
                 antiquant_offset=antiquant_offset, block_table=block_table, dequant_scale1=dequant_scale1,
@@ -162,8 +162,8 @@ def _ifa(query: Tensor, key: Tensor, value: Tensor, padding_mask: Optional[Tenso
     return _run(_INCRE, "npu_incre_flash_attention", args, False)[0]
 
 
-
 _ifa_op = torch.library.custom_op("npufa::npu_incre_flash_attention", mutates_args=(), device_types="cpu")(_ifa)
+
 
 @_ifa_op.register_fake
 def _(query, key, value, padding_mask, atten_mask, pse_shift, actual_seq_lengths, antiquant_scale, antiquant_offset,
@@ -193,19 +193,19 @@ def npu_incre_flash_attention(query: Tensor, key: Tensor, value: Tensor, *, padd
 # ---- npu_fused_infer_attention_score (v1) -----------------------------------------------------------------
 
 def _fia(query: Tensor, key: Tensor, value: Tensor, pse_shift: Optional[Tensor], atten_mask: Optional[Tensor],
-            actual_seq_lengths: Optional[List[int]], actual_seq_lengths_kv: Optional[List[int]],
-            dequant_scale1: Optional[Tensor], quant_scale1: Optional[Tensor], dequant_scale2: Optional[Tensor],
-            quant_scale2: Optional[Tensor], quant_offset2: Optional[Tensor], antiquant_scale: Optional[Tensor],
-            antiquant_offset: Optional[Tensor], key_antiquant_scale: Optional[Tensor],
-            key_antiquant_offset: Optional[Tensor], value_antiquant_scale: Optional[Tensor],
-            value_antiquant_offset: Optional[Tensor], block_table: Optional[Tensor],
-            query_padding_size: Optional[Tensor], kv_padding_size: Optional[Tensor],
-            key_shared_prefix: Optional[Tensor], value_shared_prefix: Optional[Tensor],
-            actual_shared_prefix_len: Optional[List[int]], query_rope: Optional[Tensor], key_rope: Optional[Tensor],
-            key_rope_antiquant_scale: Optional[Tensor], num_heads: int, scale: float, pre_tokens: int,
-            next_tokens: int, input_layout: str, num_key_value_heads: int, sparse_mode: int, inner_precise: int,
-            block_size: int, antiquant_mode: int, key_antiquant_mode: int, value_antiquant_mode: int,
-            softmax_lse_flag: bool) -> Tuple[Tensor, Tensor]:
+         actual_seq_lengths: Optional[List[int]], actual_seq_lengths_kv: Optional[List[int]],
+         dequant_scale1: Optional[Tensor], quant_scale1: Optional[Tensor], dequant_scale2: Optional[Tensor],
+         quant_scale2: Optional[Tensor], quant_offset2: Optional[Tensor], antiquant_scale: Optional[Tensor],
+         antiquant_offset: Optional[Tensor], key_antiquant_scale: Optional[Tensor],
+         key_antiquant_offset: Optional[Tensor], value_antiquant_scale: Optional[Tensor],
+         value_antiquant_offset: Optional[Tensor], block_table: Optional[Tensor],
+         query_padding_size: Optional[Tensor], kv_padding_size: Optional[Tensor],
+         key_shared_prefix: Optional[Tensor], value_shared_prefix: Optional[Tensor],
+         actual_shared_prefix_len: Optional[List[int]], query_rope: Optional[Tensor], key_rope: Optional[Tensor],
+         key_rope_antiquant_scale: Optional[Tensor], num_heads: int, scale: float, pre_tokens: int,
+         next_tokens: int, input_layout: str, num_key_value_heads: int, sparse_mode: int, inner_precise: int,
+         block_size: int, antiquant_mode: int, key_antiquant_mode: int, value_antiquant_mode: int,
+         softmax_lse_flag: bool) -> Tuple[Tensor, Tensor]:
     args = dict(query=query, key=key, value=value, pse_shift=pse_shift, atten_mask=atten_mask,
                 actual_seq_lengths=actual_seq_lengths, actual_seq_lengths_kv=actual_seq_lengths_kv,
                 dequant_scale1=dequant_scale1, quant_scale1=quant_scale1, dequant_scale2=dequant_scale2,
@@ -224,8 +224,8 @@ def _fia(query: Tensor, key: Tensor, value: Tensor, pse_shift: Optional[Tensor],
     return _run(_FUSED, "npu_fused_infer_attention_score", args, softmax_lse_flag)
 
 
-
 _fia_op = torch.library.custom_op("npufa::npu_fused_infer_attention_score", mutates_args=(), device_types="cpu")(_fia)
+
 
 @_fia_op.register_fake
 def _(query, key, value, pse_shift, atten_mask, actual_seq_lengths, actual_seq_lengths_kv, dequant_scale1,
@@ -274,16 +274,16 @@ def npu_fused_infer_attention_score(
 # ---- npu_fused_infer_attention_score_v2 -------------------------------------------------------------------
 
 def _fia2(query: Tensor, key: Tensor, value: Tensor, query_rope: Optional[Tensor], key_rope: Optional[Tensor],
-             pse_shift: Optional[Tensor], atten_mask: Optional[Tensor], actual_seq_qlen: Optional[List[int]],
-             actual_seq_kvlen: Optional[List[int]], block_table: Optional[Tensor],
-             dequant_scale_query: Optional[Tensor], dequant_scale_key: Optional[Tensor],
-             dequant_offset_key: Optional[Tensor], dequant_scale_value: Optional[Tensor],
-             dequant_offset_value: Optional[Tensor], dequant_scale_key_rope: Optional[Tensor],
-             quant_scale_out: Optional[Tensor], quant_offset_out: Optional[Tensor],
-             learnable_sink: Optional[Tensor], num_query_heads: int, num_key_value_heads: int, softmax_scale: float,
-             pre_tokens: int, next_tokens: int, input_layout: str, sparse_mode: int, block_size: int,
-             key_quant_mode: int, value_quant_mode: int, inner_precise: int,
-             return_softmax_lse: bool) -> Tuple[Tensor, Tensor]:
+          pse_shift: Optional[Tensor], atten_mask: Optional[Tensor], actual_seq_qlen: Optional[List[int]],
+          actual_seq_kvlen: Optional[List[int]], block_table: Optional[Tensor],
+          dequant_scale_query: Optional[Tensor], dequant_scale_key: Optional[Tensor],
+          dequant_offset_key: Optional[Tensor], dequant_scale_value: Optional[Tensor],
+          dequant_offset_value: Optional[Tensor], dequant_scale_key_rope: Optional[Tensor],
+          quant_scale_out: Optional[Tensor], quant_offset_out: Optional[Tensor],
+          learnable_sink: Optional[Tensor], num_query_heads: int, num_key_value_heads: int, softmax_scale: float,
+          pre_tokens: int, next_tokens: int, input_layout: str, sparse_mode: int, block_size: int,
+          key_quant_mode: int, value_quant_mode: int, inner_precise: int,
+          return_softmax_lse: bool) -> Tuple[Tensor, Tensor]:
     args = dict(query=query, key=key, value=value, query_rope=query_rope, key_rope=key_rope, pse_shift=pse_shift,
                 atten_mask=atten_mask, actual_seq_lengths=actual_seq_qlen, actual_seq_lengths_kv=actual_seq_kvlen,
                 block_table=block_table, dequant_scale_query=dequant_scale_query,
@@ -298,8 +298,8 @@ def _fia2(query: Tensor, key: Tensor, value: Tensor, query_rope: Optional[Tensor
     return _run(_FUSED_V2, "npu_fused_infer_attention_score_v2", args, return_softmax_lse)
 
 
-
 _fia2_op = torch.library.custom_op("npufa::npu_fused_infer_attention_score_v2", mutates_args=(), device_types="cpu")(_fia2)
+
 
 @_fia2_op.register_fake
 def _(query, key, value, query_rope, key_rope, pse_shift, atten_mask, actual_seq_qlen, actual_seq_kvlen,
@@ -348,7 +348,7 @@ def npu_fused_infer_attention_score_v2(
 # ---- _npu_reshape_and_cache -------------------------------------------------------------------------------
 
 def _reshape_and_cache(key: Tensor, value: Tensor, key_cache: Tensor, value_cache: Tensor,
-                          slot_indices: Tensor) -> None:
+                       slot_indices: Tensor) -> None:
     _C.reshape_and_cache(arr(key), arr(value), key_cache, value_cache, arr(slot_indices))
 
 
