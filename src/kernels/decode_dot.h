@@ -239,6 +239,30 @@ NPUFA_INLINE v32s int16x32(vf a, vf b, float mul) {
                                  62);
 }
 
+// bf16 words b (32 probabilities) times mul, rounded to the nearest integer (< 2^15), as int16 words
+// in the same order; their sum is added to sum. Unpacking each 128-bit block's low and high words under
+// zeros gives their fp32 values (bits << 16), and vpackssdw puts the two halves back in place.
+NPUFA_INLINE v32s words_scaled(v32s b, float mul, vf& sum) {
+  const v32s z = {};
+  const vf lo = reinterpret_cast<vf>(__builtin_shufflevector(z, b, 0, 32, 1, 33, 2, 34, 3, 35, 8, 40, 9, 41, 10, 42, 11,
+                                                             43, 16, 48, 17, 49, 18, 50, 19, 51, 24, 56, 25, 57, 26,
+                                                             58, 27, 59));
+  const vf hi = reinterpret_cast<vf>(__builtin_shufflevector(z, b, 4, 36, 5, 37, 6, 38, 7, 39, 12, 44, 13, 45, 14, 46,
+                                                             15, 47, 20, 52, 21, 53, 22, 54, 23, 55, 28, 60, 29, 61,
+                                                             30, 62, 31, 63));
+  sum += lo + hi;
+  const unsigned short all = 0xffff;
+  const v16i a = __builtin_ia32_cvtps2dq512_mask(lo * mul, v16i{}, all, 4);  // MXCSR: half to even
+  const v16i c = __builtin_ia32_cvtps2dq512_mask(hi * mul, v16i{}, all, 4);
+  return reinterpret_cast<v32s>(__builtin_ia32_packssdw512_mask(a, c, v32s{}, 0xffffffffu));
+}
+
+// x rounded to fp16 and back (RNE; x in [0, 1], so no overflow), on F16C's conversions.
+NPUFA_INLINE vf round_f16_hw(vf x) {
+  const v16s h = __builtin_ia32_vcvtps2ph512_mask(x, 0, v16s{}, 0xffff);
+  return __builtin_ia32_vcvtph2ps512_mask(h, vf{}, 0xffff, 4);
+}
+
 // n floats (a multiple of 32) times mul as int16 words (int16x32).
 NPUFA_INLINE void int16_words(const float* x, int64_t n, float mul, short* w) {
   for (int64_t i = 0; i < n; i += 32) {
@@ -273,6 +297,9 @@ NPUFA_INLINE vf exp_fast(vf x) {
 // rounded p) added to O's column dvp for the V offset. Rows past R stay zero.
 // Rows go in blocks of kRb, interleaved (independent chains for the out-of-order core), and one
 // exp_fast serves the block's rescale factors and largest p's (12 % faster than row by row).
+// The rounding to T is the conversion instructions' (RNE, like vec::round_bf16 / round_f16 on these
+// values), and int8 KV with bf16 goes from the bf16 words straight to int16 (words_scaled): the
+// softmax takes 12 % less time than with the integer rounding, the int8 decode about 1 % less.
 template <DType T, bool I8, class RowAt>
 NPUFA_INLINE void softmax_words(const AttnProblem& p, const SeqSpan& sp, int64_t b, int64_t j0, int64_t cols,
                                 TileClass cls, int64_t R, RowAt row_at, float* S, short* p16, float* pw, float* O,
@@ -320,9 +347,10 @@ NPUFA_INLINE void softmax_words(const AttnProblem& p, const SeqSpan& sp, int64_t
         v32s h;
         if constexpr (!I8) {  // bf16 (usable())
           h = __builtin_ia32_cvtne2ps2bf16_v32hi(eb, ea);  // RNE, = vec::round_bf16 (no subnormals here)
+        } else if constexpr (T == DType::BF16) {
+          h = words_scaled(__builtin_ia32_cvtne2ps2bf16_v32hi(eb, ea), mul[rr], ps[rr]);
         } else {
-          const vf ra = T == DType::BF16 ? vec::round_bf16(ea) : vec::round_f16(ea);
-          const vf rb = T == DType::BF16 ? vec::round_bf16(eb) : vec::round_f16(eb);
+          const vf ra = round_f16_hw(ea), rb = round_f16_hw(eb);
           ps[rr] += ra + rb;
           h = int16x32(ra, rb, mul[rr]);
         }

@@ -272,8 +272,7 @@ struct TileRows {
     const auto* zk = reinterpret_cast<const St<KT>*>(dot::kZeroRow);
     const auto* zr = reinterpret_cast<const St<RT>*>(dot::kZeroRow);
     j0 = tile;
-    kv_rows<KT>(p.k, b, nk, off, n, k);
-    kv_rows<KT>(p.v, b, nk, off, n, v);
+    kv_rows2<KT>(p.k, p.v, b, nk, off, n, k, v);
     for (int64_t c = n; c < kBk; ++c) k[c] = v[c] = zk;
     if (p.Dr) {  // kr is only read with a rope part
       kv_rows<RT>(p.kr, b, nk, off, n, kr);

@@ -169,6 +169,29 @@ NPUFA_INLINE void kv_rows(const Acc4& a, int64_t b, int64_t n, int64_t s0, int64
   }
 }
 
+// kv_rows of two sources over the same rows (the K and V of one cache) into out and out2: when both
+// are read through the same block table with the same block size, one row_loc serves both.
+template <DType T>
+NPUFA_INLINE void kv_rows2(const Acc4& a, const Acc4& a2, int64_t b, int64_t n, int64_t s0, int64_t count,
+                           const St<T>** out, const St<T>** out2) {
+  if (!a.table || a.pbase || a2.pbase || a.table != a2.table || a.tsb != a2.tsb || a.tsw != a2.tsw || a.bs != a2.bs) {
+    kv_rows<T>(a, b, n, s0, count, out);
+    kv_rows<T>(a2, b, n, s0, count, out2);
+    return;
+  }
+  for (int64_t c = 0; c < count;) {
+    const RowLoc l = row_loc(a, b, n, s0 + c);
+    const int64_t run = std::min(count - c, a.bs - l.off);
+    const St<T>* p0 = static_cast<const St<T>*>(a.base) + l.elem;
+    const St<T>* p1 = static_cast<const St<T>*>(a2.base) + l.blk * a2.sblk + l.off * a2.ss + n * a2.sn;
+    for (int64_t i = 0; i < run; ++i) {
+      out[c + i] = p0 + i * a.ss;
+      out2[c + i] = p1 + i * a2.ss;
+    }
+    c += run;
+  }
+}
+
 // The cache lines of a row of w elements, into L2, for a tile still to come: the hardware
 // prefetcher does not run far enough ahead over short block-sized streams, and a whole tile's worth
 // at once overflows the miss queues, so callers spread these over the current tile's work.
