@@ -126,10 +126,13 @@ struct RowAffine {
 // rope rows kr), times the score scale. int8: int32 sums, then the row's scale and bias (which hold
 // the score scale). K rows of the next tile (pf_k, n_pf of them) are prefetched a block at a time; V
 // rows follow in P·V, so the requests are spread over the whole tile.
-template <DType KT, DType RT>
-NPUFA_INLINE void qk(const short* q16, int64_t dq, int64_t D, int64_t Dr, const St<KT>* const* k,
+// DC > 0: D = dq = DC and no rope part, known when compiling (the d loop unrolls, Q's offsets are
+// constants and nothing spills: int8 decode 3-5 % faster at D = 128).
+template <DType KT, DType RT, int DC = 0>
+NPUFA_INLINE void qk(const short* q16, int64_t dq_, int64_t D_, int64_t Dr_, const St<KT>* const* k,
                      const St<RT>* const* kr, int64_t R, int64_t cols, float scale, float* S, const RowAffine* aff,
                      const St<KT>* const* pf_k, int64_t n_pf) {
+  const int64_t D = DC ? DC : D_, dq = DC ? DC : dq_, Dr = DC ? 0 : Dr_;
   for (int64_t c = 0; c < cols; c += 4) {
     for (int64_t j = c; j < c + 4 && j < n_pf; ++j) prefetch_row<KT>(pf_k[j], D);
     for (int64_t r0 = 0; r0 < R; r0 += kRb) {
