@@ -311,14 +311,12 @@ NPUFA_INLINE void dot_tiles(const AttnProblem& p, const SeqSpan& sp, int64_t b, 
     const auto qk = [&]<int DC>() {
       dot::qk<KT, T, DC>(q16, dq, p.D, p.Dr, t.k, t.kr, R, cols, p.scale, S, aff, nx.k, next_cols);
     };
-    if (p.Dr == 0 && p.D == 64)  // the common head sizes with D known when compiling
-      qk.template operator()<64>();
-    else if (p.Dr == 0 && p.D == 128)
-      qk.template operator()<128>();
-    else if (p.Dr == 0 && p.D == 256)
-      qk.template operator()<256>();
-    else
-      qk.template operator()<0>();
+    switch (p.Dr ? 0 : p.D) {  // the common head sizes (no rope part) with D known when compiling
+      case 64: qk.template operator()<64>(); break;
+      case 128: qk.template operator()<128>(); break;
+      case 256: qk.template operator()<256>(); break;
+      default: qk.template operator()<0>(); break;
+    }
     dot::softmax_words<T, i8>(p, sp, b, j0, cols, cls, R, row_at, S, p16, pw, O, ost, dvp, M, L);
     dot::pv<KT, Acc>(p16, t.v, (cols + 1) / 2 * 2, R, p.Dv, O, ost, pw, nx.v, next_cols);
     cur ^= 1;
