@@ -2,6 +2,7 @@
 
 #include <cstring>
 #include <string>
+#include <utility>
 
 #include "core/convert.h"
 #include "npufa/error.h"
@@ -42,13 +43,17 @@ std::vector<float> read_flat(const char* op, const TensorView& t, const char* na
   const bool dense = t.strides == TensorView::contiguous_strides(t.shape);  // the usual case: one pass
   if (dense && t.dtype == DType::F32)
     return std::vector<float>(static_cast<const float*>(t.data), static_cast<const float*>(t.data) + n);
-  std::vector<float> out;
-  out.reserve(static_cast<size_t>(n));
-  if (dense) {
+  if (dense) {  // one loop per dtype, which vectorises (decode converts its scales on every call)
+    std::vector<float> out(static_cast<size_t>(n));
     const auto* u = static_cast<const uint16_t*>(t.data);
-    for (int64_t i = 0; i < n; ++i) out.push_back(t.dtype == DType::F16 ? f16_to_f32(u[i]) : bf16_to_f32(u[i]));
+    if (t.dtype == DType::F16)
+      for (int64_t i = 0; i < n; ++i) out[static_cast<size_t>(i)] = f16_to_f32(u[i]);
+    else
+      for (int64_t i = 0; i < n; ++i) out[static_cast<size_t>(i)] = bf16_to_f32(u[i]);
     return out;
   }
+  std::vector<float> out;
+  out.reserve(static_cast<size_t>(n));
   std::vector<int64_t> idx(static_cast<size_t>(t.dim()), 0);
   for (int64_t i = 0; i < n; ++i) {
     int64_t off = 0;
@@ -108,12 +113,12 @@ Factor make_factor(const char* op, const TensorView& t, int64_t mode, int64_t wi
   };
   switch (mode) {
     case 0: {  // per channel, or per tensor when it holds one value
-      const std::vector<float> v = read_flat(op, t, name);
+      std::vector<float> v = read_flat(op, t, name);
       if (n == 1) {
         f.value = v[0];
       } else if (n == s.Nkv * width) {
         f.kind = Factor::Kind::Channel;
-        f.ch = v;
+        f.ch = std::move(v);
       } else {
         fail(op, ": ", name, " (per channel) must hold num_key_value_heads x D = ", s.Nkv * width,
              " values, e.g. shape (1, ", s.Nkv, ", 1, ", width, "), (1, ", s.Nkv, ", ", width, ") or (1, ",
