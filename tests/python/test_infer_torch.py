@@ -277,6 +277,67 @@ def test_core_entry_reads_every_argument_by_name():
     assert torch.equal(out, want)
 
 
+def _compact_tensor_type():
+    """A tensor type whose DLPack C exchange table gives no strides, as DLPack allows for compact row-major
+    tensors (torch always gives them): the table is built with ctypes, the DLTensor filled in Python."""
+    import ctypes as c
+
+    class DLTensor(c.Structure):
+        _fields_ = [("data", c.c_void_p), ("device_type", c.c_int32), ("device_id", c.c_int32), ("ndim", c.c_int32),
+                    ("code", c.c_uint8), ("bits", c.c_uint8), ("lanes", c.c_uint16), ("shape", c.POINTER(c.c_int64)),
+                    ("strides", c.POINTER(c.c_int64)), ("byte_offset", c.c_uint64)]
+
+    fill_t = c.CFUNCTYPE(c.c_int, c.py_object, c.POINTER(DLTensor))
+
+    class Api(c.Structure):
+        _fields_ = [("major", c.c_uint32), ("minor", c.c_uint32), ("prev_api", c.c_void_p),
+                    ("allocator", c.c_void_p), ("from_py", c.c_void_p), ("to_py", c.c_void_p),
+                    ("dltensor_from_py_object_no_sync", fill_t), ("stream", c.c_void_p)]
+
+    codes = {torch.float32: (2, 32), torch.bfloat16: (4, 16), torch.int8: (0, 8)}
+
+    class Compact:
+        calls = 0
+
+        def __init__(self, t):
+            self.t = t.contiguous()
+            self.shape = (c.c_int64 * t.dim())(*t.shape)
+
+    def fill(obj, out):
+        Compact.calls += 1
+        t, d = obj.t, out.contents
+        d.data, d.device_type, d.device_id, d.ndim = t.data_ptr(), 1, 0, t.dim()
+        d.code, d.bits = codes[t.dtype]
+        d.lanes, d.shape, d.strides, d.byte_offset = 1, obj.shape, None, 0
+        return 0
+
+    Compact.keep = (fill_fn := fill_t(fill), api := Api(1, 3, None, None, None, None, fill_fn, None))
+    new_capsule = c.pythonapi.PyCapsule_New
+    new_capsule.restype, new_capsule.argtypes = c.py_object, [c.c_void_p, c.c_char_p, c.c_void_p]
+    Compact.__dlpack_c_exchange_api__ = new_capsule(c.addressof(api), b"dlpack_exchange_api", None)
+    return Compact
+
+
+def test_exchange_table_without_strides_reads_compact_row_major():
+    """DLPack lets a producer leave out the strides of a compact tensor: the core then computes them
+    (row-major, in 64 bits). The int8 cache and its scales go through that path; the result must equal
+    the one from torch's own tensors."""
+    from npufa import _C
+    Compact = _compact_tensor_type()
+    q = rnd((2, 8, 1, 32), seed=40).bfloat16()
+    k8, v8 = (torch.randint(-128, 128, (2, 2, 24, 32), dtype=torch.int8, generator=torch.Generator().manual_seed(s))
+              for s in (41, 42))
+    sc, off = (rnd((2, 1, 32), seed=43) * 0.05).bfloat16(), rnd((2, 1, 32), seed=44).bfloat16()
+    kw = dict(num_heads=8, num_key_value_heads=2, input_layout="BNSD", scale=0.2, op="fia",
+              actual_seq_lengths_kv=[24, 13], key_antiquant_offset=off, value_antiquant_offset=off)
+    want, got = torch.empty(2, 8, 1, 32).bfloat16(), torch.empty(2, 8, 1, 32).bfloat16()
+    _C.infer_attention(2, dict(kw, query=q, key=k8, value=v8, key_antiquant_scale=sc, value_antiquant_scale=sc * 2),
+                       want, None)
+    _C.infer_attention(2, dict(kw, query=q, key=Compact(k8), value=Compact(v8), key_antiquant_scale=Compact(sc),
+                               value_antiquant_scale=Compact(sc * 2)), got, None)
+    assert Compact.calls == 4 and torch.equal(got, want) and want.abs().sum() > 0
+
+
 def test_fx_symbolic_trace_records_the_op():
     """torch.fx proxies are not tensors but carry __torch_function__: they must reach the op."""
     import torch.fx
